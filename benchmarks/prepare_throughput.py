@@ -1,0 +1,70 @@
+"""Prepare throughput: Ray Data on this machine vs the same transformation in one process (pandas).
+
+    python benchmarks/prepare_throughput.py --admissions 100000
+
+Generates (or reuses) demo data, runs `prepare.run_pandas` and `prepare.run` on it in one process,
+checks both wrote the same rows, and prints admissions/s for both and their ratio.
+Targets (issue 2): Ray >= 1.5x pandas; the whole 100k Ray run under 5 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+from icdray import prepare
+from icdray.config import PrepareConfig, RayConfig
+from icdray.demo_data import write_demo
+from icdray.runtime import ensure_ray
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--admissions", type=int, default=100_000)
+    ap.add_argument("--data", default="", help="existing MIMIC-IV-shaped root (default: generate demo data)")
+    ap.add_argument("--workdir", default="", help="where demo data and outputs go (default: a temp dir)")
+    ap.add_argument("--batch-size", type=int, default=PrepareConfig().batch_size)
+    args = ap.parse_args()
+
+    work = args.workdir or tempfile.mkdtemp(prefix="icdray-bench-")
+    data = args.data or os.path.join(work, f"demo-{args.admissions}")
+    if not os.path.exists(os.path.join(data, "note", "discharge.csv.gz")):
+        t = time.time()
+        write_demo(data, args.admissions, seed=0)
+        print(f"generated {args.admissions} demo admissions in {time.time() - t:.0f}s")
+    cfg = PrepareConfig(batch_size=args.batch_size)
+
+    pandas_report = prepare.run_pandas(cfg, os.path.join(work, "out-pandas"), data)
+    print(pandas_report.format())
+    t = time.time()
+    ensure_ray(RayConfig())
+    ray_start = time.time() - t
+    ray_report = prepare.run(cfg, os.path.join(work, "out-ray"), data)
+    print(ray_report.format())
+    same = all(
+        prepare.read_split(os.path.join(work, "out-pandas"), s).equals(
+            prepare.read_split(os.path.join(work, "out-ray"), s)
+        )
+        for s in prepare.SPLITS
+    )
+
+    n = pandas_report.notes_in
+    pd_rate, ray_rate = n / pandas_report.seconds, n / ray_report.seconds
+    print(
+        f"\nprepare throughput, {n} admissions, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+    )
+    print("| engine | seconds | admissions/s |")
+    print("|---|---:|---:|")
+    print(f"| pandas (1 process) | {pandas_report.seconds:.1f} | {pd_rate:,.0f} |")
+    print(f"| Ray Data | {ray_report.seconds:.1f} | {ray_rate:,.0f} |")
+    print(
+        f"\nRay / pandas: {ray_rate / pd_rate:.2f}x (target >= 1.5x); Ray run {ray_report.seconds:.0f}s "
+        f"(target < 300s; Ray start-up {ray_start:.0f}s not included); identical output: {same}"
+    )
+
+
+if __name__ == "__main__":
+    main()
