@@ -1,0 +1,179 @@
+"""`icdray` command line: one subcommand per pipeline stage, plus `demo` (the main job).
+
+Every stage takes `--config FILE` and `--set key.sub=value` overrides on top of the embedded
+defaults (see `icdray.config`); the few flags named in the docs (`--mimic`, `--out`, `--data`)
+are shorthands for config keys. `python -m jobs.<stage>` runs the same code, for `ray job submit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from icdray import storage
+from icdray.config import Config, load_config
+
+log = logging.getLogger("icdray")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (defaults are embedded; see configs/default.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set prepare.max_note_tokens=2000 (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace, extra: list[str]) -> Config:
+    return load_config(args.config, [*extra, *args.overrides])
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from icdray.demo_data import write_demo
+
+    t = time.time()
+    counts = write_demo(args.out, args.admissions, seed=args.seed)
+    print(
+        f"wrote MIMIC-IV-shaped demo data to {args.out} in {time.time() - t:.1f}s: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    extra = []
+    if args.mimic:
+        extra.append(f"prepare.mimic={args.mimic}")
+    if args.out:
+        extra.append(f"storage={args.out}")
+    if args.keep_discharge_diagnosis:
+        extra.append("prepare.keep_discharge_diagnosis=true")
+    cfg = _load(args, extra)
+    report = run_prepare(cfg)
+    print(report.format())
+    return 0
+
+
+def run_prepare(cfg: Config):
+    from icdray import prepare
+    from icdray.runtime import ensure_ray
+
+    mimic_root = cfg.prepare.mimic or storage.join(cfg.storage, "mimic-demo")
+    ensure_ray(cfg.ray)
+    return prepare.run(cfg.prepare, cfg.storage, mimic_root)
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from icdray import baseline, metrics
+
+    cfg = _load(args, [f"storage={args.data}"] if args.data else [])
+    out = args.out or storage.join(cfg.storage, "reports")
+    result = baseline.run(cfg.baseline, cfg.storage, out)
+    print(metrics.format_table({result["model"]: result["metrics"]}, BASELINE_COLUMNS))
+    print(
+        f"threshold {result['threshold']} (tuned on val), {result['n_codes_modelled']} codes modelled; "
+        f"metrics written to {storage.join(out, result['model'] + '.json')}"
+    )
+    return 0
+
+
+BASELINE_COLUMNS = (
+    "sample_f1",
+    "micro_f1",
+    "macro_f1",
+    "category_micro_f1",
+    "rare_micro_f1",
+    "p_at_8",
+    "invalid_rate",
+    "empty_rate",
+)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default: demo data -> prepare -> baseline, then the metrics table."""
+    from icdray import baseline, metrics
+    from icdray.demo_data import write_demo
+
+    cfg = _load(args, [f"storage={args.storage}"] if args.storage else [])
+    t0 = time.time()
+    mimic_root = cfg.prepare.mimic or storage.join(cfg.storage, "mimic-demo")
+    marker = storage.join(mimic_root, "note", "discharge.csv.gz")
+    if args.force or not storage.exists(marker):
+        print(f"[1/3] demo data: {cfg.demo.admissions} admissions -> {mimic_root}")
+        write_demo(mimic_root, cfg.demo.admissions, seed=cfg.demo.seed)
+    else:
+        print(f"[1/3] demo data: reusing {mimic_root} (--force to regenerate)")
+    print("[2/3] prepare on Ray Data")
+    print(run_prepare(cfg).format())
+    print("[3/3] baseline: TF-IDF + one-vs-rest logistic regression")
+    out = storage.join(cfg.storage, "reports")
+    result = baseline.run(cfg.baseline, cfg.storage, out)
+    print(
+        f"\nTest split, {result['metrics']['n']:.0f} admissions (discharge diagnosis section "
+        f"{'kept' if result['keep_discharge_diagnosis'] else 'removed'}):\n"
+    )
+    print(metrics.format_table({result["model"]: result["metrics"]}, BASELINE_COLUMNS))
+    print(f"\nreports in {out}; total {time.time() - t0:.0f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="icdray", description="Train and serve LLM ICD-10-CM coders on Ray.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write MIMIC-IV-shaped demo files (hosp/, note/)")
+    p.add_argument("--out", required=True, help="output root (gets hosp/ and note/)")
+    p.add_argument("--admissions", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_demo_data)
+
+    p = sub.add_parser("prepare", help="MIMIC-IV files -> STORAGE/prompts/{train,val,test} (Ray Data)")
+    p.add_argument("--mimic", help="MIMIC-IV root with hosp/ and note/ (real or demo)")
+    p.add_argument("--out", help="storage root (local folder or pyarrow URI)")
+    p.add_argument(
+        "--keep-discharge-diagnosis",
+        action="store_true",
+        help="keep the leaky 'Discharge Diagnosis' section (only to compare with published benchmarks)",
+    )
+    _common(p)
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("baseline", help="TF-IDF + logistic regression baseline, scored on test")
+    p.add_argument("--data", help="storage root holding prompts/")
+    p.add_argument("--out", help="report folder (default STORAGE/reports)")
+    _common(p)
+    p.set_defaults(fn=cmd_baseline)
+
+    p = sub.add_parser(
+        "demo", help="the main job: demo data -> prepare -> baseline, prints the metrics table"
+    )
+    p.add_argument("--storage", help="storage root (default: artifacts)")
+    p.add_argument("--force", action="store_true", help="regenerate demo data even if present")
+    _common(p)
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"icdray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""Ray job: prepare. `ray job submit --working-dir . -- python -m jobs.prepare --mimic DIR --out STORAGE`."""
+
+import sys
+
+from icdray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["prepare", *sys.argv[1:]]))

@@ -1,0 +1,82 @@
+"""The command line as a user runs it: real subprocesses for the documented entry points."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from icdray.cli import main
+from icdray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config(ROOT / "configs/default.yaml", ["prepare.max_note_tokens=123", "storage=s3://b/x"])
+    assert cfg.prepare.max_note_tokens == 123 and cfg.storage == "s3://b/x"
+    assert load_config(None) == load_config(ROOT / "configs/default.yaml")  # the file spells out the defaults
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(None, ["prepare.max_tokens=1"])
+    with pytest.raises(ValueError, match="must be a number"):
+        load_config(None, ["prepare.max_note_tokens=lots"])
+
+
+def test_demo_data_command(tmp_path, capsys):
+    assert main(["demo-data", "--out", str(tmp_path), "--admissions", "30", "--seed", "1"]) == 0
+    assert (tmp_path / "note/discharge.csv.gz").exists() and (
+        tmp_path / "hosp/d_icd_diagnoses.csv.gz"
+    ).exists()
+    assert "admissions 30" in capsys.readouterr().out
+
+
+def test_prepare_job_module_reports_missing_input(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.prepare",
+            "--mimic",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "s"),
+            "--set",
+            "ray.num_cpus=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "not found" in proc.stderr and "MIMIC-IV root" in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_in_a_subprocess(tmp_path):
+    """`icdray demo` as `make demo` runs it: demo data -> prepare -> baseline -> table."""
+    exe = Path(sys.executable).with_name("icdray")
+    proc = subprocess.run(
+        [
+            str(exe),
+            "demo",
+            "--storage",
+            str(tmp_path),
+            "--set",
+            "demo.admissions=300",
+            "--set",
+            "ray.object_store_mb=200",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| tfidf-logreg |" in proc.stdout and "sample_f1" in proc.stdout
+    assert (tmp_path / "reports/tfidf-logreg.json").exists()
+    assert (tmp_path / "prompts/train").is_dir() and (tmp_path / "prompts/_report.json").exists()
