@@ -96,6 +96,36 @@ BASELINE_COLUMNS = (
 )
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from icdray import distill
+    from icdray.runtime import ensure_ray
+
+    extra = [f"storage={args.data}"] if args.data else []
+    if args.teacher:
+        extra.append(f"teacher.backend={args.teacher}")
+    cfg = _load(args, extra)
+    teacher_check(cfg)
+    ensure_ray(cfg.ray)
+    if args.predict:
+        from icdray import metrics
+
+        result = distill.predict(cfg, split=args.split)
+        print(metrics.format_table({result["model"]: result["metrics"]}, BASELINE_COLUMNS))
+        print(distill.Summary(**result["summary"]).format())
+        return 0
+    summary = distill.run(cfg)
+    print(summary.format())
+    print(f"exemplars in {storage.join(cfg.storage, 'exemplars')}")
+    return 0
+
+
+def teacher_check(cfg: Config) -> None:
+    """The data-use guard runs before Ray starts or any note is read."""
+    from icdray import teacher
+
+    teacher.check_data_use(cfg.teacher)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the embedded default: demo data -> prepare -> baseline, then the metrics table."""
     from icdray import baseline, metrics
@@ -153,7 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_baseline)
 
     p = sub.add_parser(
-        "demo", help="the main job: demo data -> prepare -> baseline, prints the metrics table"
+        "distill", help="teacher exemplars for the train split -> STORAGE/exemplars (Ray Data)"
+    )
+    p.add_argument("--data", help="storage root holding prompts/")
+    p.add_argument("--teacher", choices=["reference", "gemini"], help="teacher backend (default: reference)")
+    p.add_argument(
+        "--predict",
+        action="store_true",
+        help="score the teacher as a predictor (no gold codes in the prompt) instead of distilling",
+    )
+    p.add_argument("--split", default="test", help="split for --predict (default test)")
+    _common(p)
+    p.set_defaults(fn=cmd_distill)
+
+    p = sub.add_parser(
+        "demo", help="the main job: demo data -> prepare -> distill -> baseline, prints the metrics"
     )
     p.add_argument("--storage", help="storage root (default: artifacts)")
     p.add_argument("--force", action="store_true", help="regenerate demo data even if present")
@@ -170,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, PermissionError) as e:
         print(f"icdray {args.command}: error: {e}", file=sys.stderr)
         return 2
 

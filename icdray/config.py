@@ -55,6 +55,43 @@ class BaselineConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    backend: str = "reference"  # reference (offline, from gold codes) | gemini (google-genai client)
+    model: str = "gemini-2.5-flash"  # ignored by the reference teacher (its model name is "reference")
+    # Sending notes outside requires saying so: MIMIC's PhysioNet licence allows only services with no data
+    # retention (e.g. Vertex AI under the right terms). Without this the stage refuses before any call.
+    external_data_ack: bool = False
+    api_key_env: str = "GEMINI_API_KEY"  # Developer API key variable (GOOGLE_API_KEY is tried too)
+    vertexai: bool = False  # Vertex AI mode: project/location and Google Cloud credentials instead of a key
+    project: str = ""
+    location: str = "us-central1"
+    base_url: str = ""  # override the endpoint (a proxy, a regional endpoint, or a local test server)
+    temperature: float = 0.7  # > 0 so that k samples per note differ
+    max_output_tokens: int = 4096  # reasoning + ~20 codes with quotes fits in ~2k; room for long notes
+    thinking_budget: int = -1  # -1: the model's default; 0 turns thinking off (cheaper), >0 caps it
+    show_gold: bool = False  # True: the teacher sees the gold codes and explains them (higher agreement)
+    samples_per_note: int = 1  # k answers per note; the one agreeing best with gold is kept
+    min_agreement_f1: float = 0.5  # keep an exemplar when its codes reach this F1 against gold
+    requests_per_minute: int = 0  # client-side limit across all workers; 0 = none
+    tokens_per_minute: int = 0  # input+output tokens, estimated before the call; 0 = none
+    rate_margin: float = 0.02  # schedule 2% under the limits: arrival jitter must not cross them
+    concurrency: int = 8  # teacher calls in flight across all workers
+    workers: int = 2  # Ray actors making calls (threads inside each share `concurrency`)
+    deadline_s: float = 120.0  # per attempt (HTTP timeout)
+    max_attempts: int = 6  # per call, first try included
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    price_input_per_mtok: float = (
+        0.30  # USD per 1M input tokens (Gemini 2.5 Flash list price), for the estimate
+    )
+    price_output_per_mtok: float = 2.50  # USD per 1M output tokens, thinking included
+    limit: int = 0  # distill at most this many training notes; 0 = all
+    retry_failed: bool = (
+        False  # re-attempt calls that failed for good in an earlier run (answers stay cached)
+    )
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str = ""  # "" = RAY_ADDRESS from the environment (ray job submit sets it), else a local instance
     num_cpus: int = 0  # local instance only; 0 = all cores
@@ -67,6 +104,7 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

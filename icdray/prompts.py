@@ -71,6 +71,7 @@ __all__ = [
     "parse_answer",
     "render_answer",
     "render_user_prompt",
+    "teacher_messages",
 ]
 
 PROMPT_VERSION = "icd-v1"  # cache key: bump whenever the prompt or the answer format changes
@@ -132,6 +133,28 @@ def build_messages(note: str, medications: Sequence[str] = ()) -> list[dict[str,
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": render_user_prompt(note, medications)},
     ]
+
+
+def teacher_messages(
+    note: str, medications: Sequence[str] = (), gold: Sequence[str] | None = None
+) -> list[dict[str, str]]:
+    """The student's messages; with `gold`, the coders' codes are appended for the teacher to explain.
+
+    Without gold (the default) the teacher codes exactly as the student will, and exemplars are then
+    filtered by agreement with gold; with gold it writes the reasoning for known codes.
+    """
+    messages = build_messages(note, medications)
+    if gold:
+        listed = ", ".join(codes.normalize(c) for c in gold)
+        messages[1] = {
+            "role": "user",
+            "content": messages[1]["content"]
+            + (
+                f"\n\nProfessional coders assigned these codes: {listed}. Reason from the note to each of them, "
+                "and give exactly these codes in the answer, each with its verbatim evidence."
+            ),
+        }
+    return messages
 
 
 @dataclass(frozen=True)
