@@ -127,22 +127,31 @@ def teacher_check(cfg: Config) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: demo data -> prepare -> baseline, then the metrics table."""
-    from icdray import baseline, metrics
+    """The main job on the embedded default: demo data -> prepare -> distill -> baseline, then the table.
+
+    The teacher is the configured one (the offline reference teacher by default; Gemini with a key and
+    `teacher.external_data_ack=true`).
+    """
+    from icdray import baseline, distill, metrics
     from icdray.demo_data import write_demo
+    from icdray.runtime import ensure_ray
 
     cfg = _load(args, [f"storage={args.storage}"] if args.storage else [])
+    teacher_check(cfg)
     t0 = time.time()
     mimic_root = cfg.prepare.mimic or storage.join(cfg.storage, "mimic-demo")
     marker = storage.join(mimic_root, "note", "discharge.csv.gz")
     if args.force or not storage.exists(marker):
-        print(f"[1/3] demo data: {cfg.demo.admissions} admissions -> {mimic_root}")
+        print(f"[1/4] demo data: {cfg.demo.admissions} admissions -> {mimic_root}")
         write_demo(mimic_root, cfg.demo.admissions, seed=cfg.demo.seed)
     else:
-        print(f"[1/3] demo data: reusing {mimic_root} (--force to regenerate)")
-    print("[2/3] prepare on Ray Data")
+        print(f"[1/4] demo data: reusing {mimic_root} (--force to regenerate)")
+    print("[2/4] prepare on Ray Data")
     print(run_prepare(cfg).format())
-    print("[3/3] baseline: TF-IDF + one-vs-rest logistic regression")
+    print(f"[3/4] distill: {cfg.teacher.backend} teacher on the train split (Ray Data)")
+    ensure_ray(cfg.ray)
+    print(distill.run(cfg).format())
+    print("[4/4] baseline: TF-IDF + one-vs-rest logistic regression")
     out = storage.join(cfg.storage, "reports")
     result = baseline.run(cfg.baseline, cfg.storage, out)
     print(
@@ -150,7 +159,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{'kept' if result['keep_discharge_diagnosis'] else 'removed'}):\n"
     )
     print(metrics.format_table({result["model"]: result["metrics"]}, BASELINE_COLUMNS))
-    print(f"\nreports in {out}; total {time.time() - t0:.0f}s")
+    print(
+        f"\nexemplars in {storage.join(cfg.storage, 'exemplars')}, reports in {out}; total {time.time() - t0:.0f}s"
+    )
     return 0
 
 

@@ -57,7 +57,7 @@ def test_prepare_job_module_reports_missing_input(tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end_in_a_subprocess(tmp_path):
-    """`icdray demo` as `make demo` runs it: demo data -> prepare -> baseline -> table."""
+    """`icdray demo` as `make demo` runs it: demo data -> prepare -> distill -> baseline -> table."""
     exe = Path(sys.executable).with_name("icdray")
     proc = subprocess.run(
         [
@@ -80,3 +80,4 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
     assert "| tfidf-logreg |" in proc.stdout and "sample_f1" in proc.stdout
     assert (tmp_path / "reports/tfidf-logreg.json").exists()
     assert (tmp_path / "prompts/train").is_dir() and (tmp_path / "prompts/_report.json").exists()
+    assert (tmp_path / "exemplars/part-0.parquet").exists() and "kept" in proc.stdout
