@@ -119,6 +119,47 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from icdray import sft
+    from icdray.runtime import ensure_ray
+
+    extra = [f"storage={args.data}"] if args.data else []
+    if args.model:
+        extra.append(f"sft.model={args.model}")
+    cfg = _load(args, extra)
+    ensure_ray(cfg.ray)
+    print(sft.run(cfg).format())
+    return 0
+
+
+EVAL_COLUMNS = (
+    "sample_f1",
+    "micro_f1",
+    "macro_f1",
+    "category_micro_f1",
+    "invalid_rate",
+    "empty_rate",
+    "format_ok_rate",
+)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from icdray import evaluate, metrics
+    from icdray.runtime import ensure_ray
+
+    cfg = _load(args, [f"storage={args.data}"] if args.data else [])
+    ensure_ray(cfg.ray)
+    rows = {}
+    for model in args.model:
+        result = evaluate.run(
+            cfg, model, out_dir=args.out or "", name=args.name if len(args.model) == 1 else ""
+        )
+        rows[result["model"]] = result["metrics"]
+        print(f"{result['model']}: {result['generated_tokens']} tokens in {result['seconds']}s")
+    print(metrics.format_table(rows, EVAL_COLUMNS))
+    return 0
+
+
 def teacher_check(cfg: Config) -> None:
     """The data-use guard runs before Ray starts or any note is read."""
     from icdray import teacher
@@ -127,12 +168,15 @@ def teacher_check(cfg: Config) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: demo data -> prepare -> distill -> baseline, then the table.
+    """The main job on the embedded default: demo data -> prepare -> distill -> baseline -> SFT ->
+    evaluate the base model and the SFT checkpoint, then one metrics table.
 
     The teacher is the configured one (the offline reference teacher by default; Gemini with a key and
-    `teacher.external_data_ack=true`).
+    `teacher.external_data_ack=true`). The LLM stages run at the CPU scale set in the `demo` section.
     """
-    from icdray import baseline, distill, metrics
+    import dataclasses
+
+    from icdray import baseline, distill, evaluate, metrics, sft
     from icdray.demo_data import write_demo
     from icdray.runtime import ensure_ray
 
@@ -142,27 +186,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     mimic_root = cfg.prepare.mimic or storage.join(cfg.storage, "mimic-demo")
     marker = storage.join(mimic_root, "note", "discharge.csv.gz")
     if args.force or not storage.exists(marker):
-        print(f"[1/4] demo data: {cfg.demo.admissions} admissions -> {mimic_root}")
+        print(f"[1/6] demo data: {cfg.demo.admissions} admissions -> {mimic_root}")
         write_demo(mimic_root, cfg.demo.admissions, seed=cfg.demo.seed)
     else:
-        print(f"[1/4] demo data: reusing {mimic_root} (--force to regenerate)")
-    print("[2/4] prepare on Ray Data")
+        print(f"[1/6] demo data: reusing {mimic_root} (--force to regenerate)")
+    print("[2/6] prepare on Ray Data")
     print(run_prepare(cfg).format())
-    print(f"[3/4] distill: {cfg.teacher.backend} teacher on the train split (Ray Data)")
+    print(f"[3/6] distill: {cfg.teacher.backend} teacher on the train split (Ray Data)")
     ensure_ray(cfg.ray)
     print(distill.run(cfg).format())
-    print("[4/4] baseline: TF-IDF + one-vs-rest logistic regression")
+    print("[4/6] baseline: TF-IDF + one-vs-rest logistic regression")
     out = storage.join(cfg.storage, "reports")
+    rows = {}
     result = baseline.run(cfg.baseline, cfg.storage, out)
+    rows[result["model"]] = result["metrics"]
     print(
-        f"\nTest split, {result['metrics']['n']:.0f} admissions (discharge diagnosis section "
-        f"{'kept' if result['keep_discharge_diagnosis'] else 'removed'}):\n"
+        f"[5/6] sft: {cfg.sft.model}, {'LoRA' if cfg.sft.lora else 'full'}, ZeRO-{cfg.sft.zero_stage}, "
+        f"{cfg.sft.num_workers} Ray Train workers, {cfg.demo.sft_steps} steps on {cfg.demo.sft_examples} exemplars"
     )
-    print(metrics.format_table({result["model"]: result["metrics"]}, BASELINE_COLUMNS))
+    demo_cfg = dataclasses.replace(
+        cfg,
+        sft=dataclasses.replace(
+            cfg.sft, max_steps=cfg.demo.sft_steps, limit=cfg.demo.sft_examples, grad_accum=1, val_fraction=0.0
+        ),
+        evaluate=dataclasses.replace(
+            cfg.evaluate, limit=cfg.demo.eval_notes, max_new_tokens=cfg.demo.eval_max_new_tokens
+        ),
+    )
+    trained = sft.run(demo_cfg)
+    print(trained.format())
+    print(f"[6/6] evaluate base vs SFT on {cfg.demo.eval_notes} test notes (Ray Data batch generation)")
+    for model, name in ((cfg.sft.model, f"base-{cfg.sft.model}"), (trained.output, f"sft-{cfg.sft.model}")):
+        result = evaluate.run(demo_cfg, model, out_dir=out, name=name)
+        rows[name] = result["metrics"]
+        print(f"  {name}: {result['generated_tokens']} tokens generated in {result['seconds']}s")
     print(
-        f"\nexemplars in {storage.join(cfg.storage, 'exemplars')}, reports in {out}; total {time.time() - t0:.0f}s"
+        f"\nTest split (LLM rows: first {cfg.demo.eval_notes} admissions; discharge diagnosis section "
+        f"{'kept' if cfg.prepare.keep_discharge_diagnosis else 'removed'}):\n"
+    )
+    print(metrics.format_table(rows, DEMO_COLUMNS))
+    print(
+        f"\nexemplars in {storage.join(cfg.storage, 'exemplars')}, model in {trained.output}, reports in {out}; "
+        f"total {time.time() - t0:.0f}s"
     )
     return 0
+
+
+DEMO_COLUMNS = (
+    "n",
+    "sample_f1",
+    "micro_f1",
+    "macro_f1",
+    "category_micro_f1",
+    "invalid_rate",
+    "empty_rate",
+    "format_ok_rate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +285,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split for --predict (default test)")
     _common(p)
     p.set_defaults(fn=cmd_distill)
+
+    p = sub.add_parser(
+        "sft", help="fine-tune on the exemplars: Ray Train + DeepSpeed (+LoRA) -> checkpoints/sft"
+    )
+    p.add_argument("--data", help="storage root holding exemplars/")
+    p.add_argument("--model", help="tiny | smollm2-135m | HF folder | hub id (default: smollm2-135m)")
+    _common(p)
+    p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser("evaluate", help="generate, parse and score models on a prepared split (Ray Data)")
+    p.add_argument("--data", help="storage root holding prompts/")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="registry name, checkpoint folder or hub id (repeat to compare models)",
+    )
+    p.add_argument("--out", help="report folder (default STORAGE/reports)")
+    p.add_argument("--name", help="report name (single model only)")
+    _common(p)
+    p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser(
         "demo", help="the main job: demo data -> prepare -> distill -> baseline, prints the metrics"

@@ -9,6 +9,7 @@ Left out on purpose: Hydra-style composition, environment-variable magic, argpar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -25,6 +26,12 @@ T = TypeVar("T")
 class DemoConfig:
     admissions: int = 2000  # enough for a meaningful baseline; 100_000 is the prepare benchmark's input
     seed: int = 0
+    # `icdray demo` trains and evaluates the LLM at a scale 2 CPU cores finish in minutes (a 135M model
+    # learns ~50 tokens/s here; a demo example is ~2.5k tokens). Real runs use the sft/evaluate sections.
+    sft_steps: int = 4
+    sft_examples: int = 16
+    eval_notes: int = 4
+    eval_max_new_tokens: int = 1024
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,7 @@ class SFTConfig:
     warmup_ratio: float = 0.1  # linear warm-up, then cosine decay to 0
     micro_batch_size: int = 1  # sequences per worker per forward pass
     grad_accum: int = 4
-    max_seq_len: int = 2048  # prompt + answer tokens; longer examples get a shorter note (as prepare cuts it)
+    max_seq_len: int = 4096  # prompt + answer tokens; longer examples get a shorter note (as prepare cuts it)
     limit: int = 0  # train on the first N exemplars (0 = all)
     val_fraction: float = 0.1  # exemplars held out (by patient) for the validation loss
     num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
@@ -176,6 +183,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return value
         raise ValueError(f"config: '{where}' must be true or false, got {value!r}")
     if tp in (int, float):
+        if isinstance(value, str):  # YAML reads "1e-3" as a string (it wants "1.0e-3")
+            with contextlib.suppress(ValueError):
+                value = float(value) if tp is float or not value.strip().lstrip("-").isdigit() else int(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"config: '{where}' must be a number, got {value!r}")
         if tp is int and float(value) != int(value):

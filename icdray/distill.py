@@ -59,7 +59,7 @@ def uses_gold(cfg: TeacherConfig) -> bool:
 
 
 def cache_key(nhash: str, cfg: TeacherConfig, sample_index: int) -> str:
-    model = "reference" if cfg.backend == "reference" else cfg.model
+    model = teacher.ReferenceTeacher.model if cfg.backend == "reference" else cfg.model
     variant = "gold" if uses_gold(cfg) else "plain"
     return "-".join(
         [nhash, prompts.PROMPT_VERSION, cfg.backend, model.replace("/", "_"), variant, str(sample_index)]
@@ -254,7 +254,7 @@ def _run_calls(items: pa.Table, cfg: TeacherConfig, out_root: str) -> None:
         TeacherWorker,
         batch_format="pyarrow",
         batch_size=None,
-        concurrency=cfg.workers,
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         num_cpus=1.0 if cfg.backend == "reference" else 0.25,  # remote calls wait on the network, not the CPU
         fn_constructor_kwargs={"cfg": cfg, "out_root": out_root, "limiter": limiter, "threads": threads},
         runtime_env={"env_vars": _credentials(cfg)},
@@ -410,7 +410,7 @@ def run(cfg: Config) -> Summary:
     s.cost_usd = teacher.cost_usd(s.tokens_in, s.tokens_out, tcfg) if tcfg.backend != "reference" else 0.0
     s.teacher = {
         "backend": tcfg.backend,
-        "model": "reference" if tcfg.backend == "reference" else tcfg.model,
+        "model": teacher.ReferenceTeacher.model if tcfg.backend == "reference" else tcfg.model,
         "prompt_version": prompts.PROMPT_VERSION,
         "show_gold": tcfg.show_gold,
         "min_agreement_f1": tcfg.min_agreement_f1,

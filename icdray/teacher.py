@@ -73,7 +73,7 @@ class ReferenceTeacher:
     """Writes the exemplar from the gold codes and the note itself: reproducible, offline, F1 = 1.0."""
 
     backend = "reference"
-    model = "reference"
+    model = "reference-v2"  # bump when the exemplar text changes: it is part of the cache key
 
     def generate(
         self, note: str, medications: Sequence[str], gold: Sequence[str] | None, sample_index: int = 0
@@ -85,18 +85,15 @@ class ReferenceTeacher:
         items, lines = [], []
         for code in dict.fromkeys(codes.normalize(c) for c in gold):
             span = evidence.locate(code, note)
-            quote = evidence.quote_around(note, span) if span else ""
-            desc = codes.describe(code) or "a diagnosis documented in the record"
-            where = f'the note documents "{span.text}"' if span else "it is recorded for this admission"
-            lines.append(f"- {desc}: {where}, so {code}.")
+            quote = evidence.quote_around(note, span, max_chars=80) if span else ""
+            desc = codes.describe(code) or "documented diagnosis"
+            lines.append(f'- "{span.text}": {desc} -> {code}' if span else f"- {desc} (recorded) -> {code}")
             items.append(prompts.CodeItem(code, quote))
         meds = ", ".join(medications[:12]) if medications else "none recorded"
         reasoning = "\n".join(
             [
-                "I review the history, the medications and the hospital course for diagnoses that were present, "
-                "treated or monitored during this admission, and leave out negated findings and family history.",
-                f"Medications: {meds}. Each medication should match a documented condition.",
-                "Diagnoses found:",
+                "Diagnoses present, treated or monitored this admission (negated findings and family history left out).",
+                f"Medications: {meds}.",
                 *lines,
             ]
         )

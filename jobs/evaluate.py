@@ -1,0 +1,8 @@
+"""Ray job: evaluate. `ray job submit --working-dir . -- python -m jobs.evaluate --data STORAGE ...`."""
+
+import sys
+
+from icdray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))
