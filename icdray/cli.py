@@ -8,6 +8,7 @@ are shorthands for config keys. `python -m jobs.<stage>` runs the same code, for
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -127,7 +128,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.model:
         extra.append(f"sft.model={args.model}")
     cfg = _load(args, extra)
-    ensure_ray(cfg.ray)
+    ensure_ray(dataclasses.replace(cfg.ray, dashboard=True))
     print(sft.run(cfg).format())
     return 0
 
@@ -174,13 +175,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     The teacher is the configured one (the offline reference teacher by default; Gemini with a key and
     `teacher.external_data_ack=true`). The LLM stages run at the CPU scale set in the `demo` section.
     """
-    import dataclasses
-
     from icdray import baseline, distill, evaluate, metrics, sft
     from icdray.demo_data import write_demo
     from icdray.runtime import ensure_ray
 
     cfg = _load(args, [f"storage={args.storage}"] if args.storage else [])
+    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, dashboard=True))  # the demo trains
     teacher_check(cfg)
     t0 = time.time()
     mimic_root = cfg.prepare.mimic or storage.join(cfg.storage, "mimic-demo")

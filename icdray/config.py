@@ -30,6 +30,7 @@ class DemoConfig:
     # learns ~50 tokens/s here; a demo example is ~2.5k tokens). Real runs use the sft/evaluate sections.
     sft_steps: int = 4
     sft_examples: int = 16
+    sft_max_seq_len: int = 1536  # SmolLM2 peaks at ~5.5 GB per worker at 1.5k tokens on CPU, ~10 GB at 3k
     eval_notes: int = 4
     eval_max_new_tokens: int = 1024
 
@@ -124,6 +125,9 @@ class SFTConfig:
     micro_batch_size: int = 1  # sequences per worker per forward pass
     grad_accum: int = 4
     max_seq_len: int = 4096  # prompt + answer tokens; longer examples get a shorter note (as prepare cuts it)
+    gradient_checkpointing: bool = (
+        True  # recompute activations in backward: long clinical notes fit in memory
+    )
     limit: int = 0  # train on the first N exemplars (0 = all)
     val_fraction: float = 0.1  # exemplars held out (by patient) for the validation loss
     num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
@@ -151,6 +155,9 @@ class RayConfig:
     address: str = ""  # "" = RAY_ADDRESS from the environment (ray job submit sets it), else a local instance
     num_cpus: int = 0  # local instance only; 0 = all cores
     object_store_mb: int = 0  # local instance only; 0 = Ray's default
+    # local instance only. Off saves ~1 GB; training turns it on because Ray Train's placement-group
+    # cleaner polls the State API, which the dashboard serves (without it the logs fill with warnings).
+    dashboard: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     """Initialise Ray once per process.
 
     Under `ray job submit` RAY_ADDRESS is set and we join that cluster. Otherwise a local instance
-    starts without the dashboard (it costs ~1 GB and a core here) and with Ray Data's progress bars.
+    starts, without the dashboard unless `cfg.dashboard` (it costs ~1 GB here).
     """
     import ray
 
@@ -25,7 +25,11 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    kwargs: dict = {"include_dashboard": False, "configure_logging": True, "logging_level": logging.WARNING}
+    kwargs: dict = {
+        "include_dashboard": cfg.dashboard,
+        "configure_logging": True,
+        "logging_level": logging.WARNING,
+    }
     if cfg.num_cpus:
         kwargs["num_cpus"] = cfg.num_cpus
     if cfg.object_store_mb:

@@ -148,6 +148,9 @@ def _build_model(cfg: SFTConfig, model_path: str) -> Any:
 
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # with frozen embeddings (LoRA) checkpointed blocks still need grads
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -372,14 +375,26 @@ class SFTResult:
         )
 
 
-def run(cfg: Config, output: str | None = None, run_name: str = "sft") -> SFTResult:
-    """Fine-tune `cfg.sft.model` on the exemplars under `cfg.storage`. Needs Ray initialised."""
+def run_name_for(scfg: SFTConfig) -> str:
+    """Same training config -> same Ray Train run (a re-run resumes it); a changed config starts afresh."""
+    keep = {
+        k: v for k, v in asdict(scfg).items() if k not in ("fail_at_step", "max_failures", "cpus_per_worker")
+    }
+    return f"sft-{zlib.crc32(json.dumps(keep, sort_keys=True).encode()):08x}"
+
+
+def run(cfg: Config, output: str | None = None, run_name: str = "") -> SFTResult:
+    """Fine-tune `cfg.sft.model` on the exemplars under `cfg.storage`. Needs Ray initialised.
+
+    Re-running with the same config resumes the same Ray Train run from its latest checkpoint.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
     scfg = cfg.sft
+    run_name = run_name or run_name_for(scfg)
     start = time.time()
     model_path = models.resolve(scfg.model)
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -395,6 +410,8 @@ def run(cfg: Config, output: str | None = None, run_name: str = "sft") -> SFTRes
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     data_ref = ray.put({"train": train, "val": val, "pad_id": pad_id})
     output = output or storage.join(cfg.storage, "checkpoints", "sft")
+    if not storage.is_uri(output):
+        output = os.path.abspath(output)  # Ray Train workers run in their own working directory
     ray_root = storage.join(cfg.storage, "checkpoints", "_ray")
     if not storage.is_uri(ray_root):
         ray_root = os.path.abspath(ray_root)
