@@ -57,7 +57,7 @@ def test_prepare_job_module_reports_missing_input(tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end_in_a_subprocess(tmp_path):
-    """`icdray demo` as `make demo` runs it: demo data -> prepare -> distill -> baseline -> table."""
+    """`icdray demo` as `make demo` runs it: data -> prepare -> distill -> baseline -> SFT -> evaluate -> table."""
     exe = Path(sys.executable).with_name("icdray")
     proc = subprocess.run(
         [
@@ -69,6 +69,9 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
             "demo.admissions=300",
             "--set",
             "ray.object_store_mb=200",
+            # the demo's LLM stages at test scale: the tiny model, 2 steps, 2 short answers per model
+            *("--set", "sft.model=tiny", "--set", "demo.sft_steps=2", "--set", "demo.sft_examples=8"),
+            *("--set", "demo.eval_notes=2", "--set", "demo.eval_max_new_tokens=16"),
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -81,3 +84,6 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
     assert (tmp_path / "reports/tfidf-logreg.json").exists()
     assert (tmp_path / "prompts/train").is_dir() and (tmp_path / "prompts/_report.json").exists()
     assert (tmp_path / "exemplars/part-0.parquet").exists() and "kept" in proc.stdout
+    assert (tmp_path / "checkpoints/sft/config.json").exists()
+    assert "| base-tiny |" in proc.stdout and "| sft-tiny |" in proc.stdout
+    assert (tmp_path / "reports/sft-tiny.json").exists()

@@ -1,0 +1,100 @@
+"""GRPO math as pure tensor functions: group-relative advantages and the clipped policy loss.
+
+No Ray, no models: the controller and the learner call these, and tests check them against hand
+computations and TRL's published formulas.
+
+Shapes: B completions = P prompts x G samples, laid out prompt-major ([p0s0, p0s1, ..., p1s0, ...]);
+T = completion tokens (right-padded, `mask` marks real tokens).
+
+Loss variants (`loss_type`):
+- "token" (default): sum over all real tokens of the batch / number of real tokens: every token counts
+  the same, so long answers are not down-weighted (DAPO's token-level normalisation).
+- "sequence": per-sequence mean, then mean over sequences (the original GRPO paper).
+- "dr_grpo": sum / (B * max_completion_length): no length bias at all (Dr. GRPO).
+Advantages: (r - group mean) / (group std + eps), or mean-only (`scale=False`, as Dr. GRPO).
+KL to a reference policy with the k3 estimator, weighted by `beta` (0 by default: no reference model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """(B,) rewards -> (B,) advantages relative to each prompt's group of `group_size` samples."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)  # (P, G)
+    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)  # unbiased std, as TRL
+    return adv.reshape(-1)
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(P,) True for groups whose samples all scored the same: they carry no learning signal."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped.max(dim=1).values - grouped.min(dim=1).values) == 0
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy || reference): exp(ref - lp) - (ref - lp) - 1 >= 0."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+@dataclass(frozen=True)
+class LossOut:
+    loss: torch.Tensor  # scalar, differentiable
+    clip_fraction: float  # share of real tokens whose ratio was clipped
+    kl: float  # mean per-token k3 KL (0 without a reference)
+    ratio_mean: float
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    loss_type: str = "token",
+    max_completion_length: int | None = None,
+) -> LossOut:
+    """Clipped importance-ratio loss. logprobs/old_logprobs/mask: (B, T); advantages: (B,)."""
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    adv = advantages.unsqueeze(1)  # (B, 1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
+    per_token = -torch.min(unclipped, clipped)  # (B, T)
+    kl = torch.zeros_like(per_token)
+    if beta:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs ref_logprobs")
+        kl = k3_kl(logprobs, ref_logprobs)
+        per_token = per_token + beta * kl
+    if loss_type == "token":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "sequence":
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    elif loss_type == "dr_grpo":
+        length = max_completion_length or logprobs.shape[1]
+        loss = (per_token * mask).sum() / (logprobs.shape[0] * length)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}: token | sequence | dr_grpo")
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        was_clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+        return LossOut(
+            loss,
+            float((was_clipped.to(mask.dtype) * mask).sum() / n),
+            float((kl * mask).sum() / n),
+            float((ratio * mask).sum() / n),
+        )
