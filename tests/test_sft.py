@@ -122,11 +122,11 @@ def test_smollm2_loads_offline_and_generates():
     model, tok = models.load("smollm2-135m")
     assert sum(p.numel() for p in model.parameters()) == 134_515_008 and len(tok) == 49_152
     enc = tok.apply_chat_template(
-        [{"role": "user", "content": "What does HTN stand for?"}],
+        [{"role": "user", "content": "What is hypertension? Answer in one sentence."}],
         add_generation_prompt=True,
         return_tensors="pt",
         return_dict=True,
     )
-    out = model.generate(**enc, max_new_tokens=20, do_sample=False)
+    out = model.generate(**enc, max_new_tokens=30, do_sample=False)
     text = tok.decode(out[0][enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert len(text.split()) >= 3 and "hypertension" in text.lower()
+    assert "blood pressure" in text.lower()  # a real pretrained model answers, random weights would not
