@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from icdray import storage
+from icdray import metrics, storage
 from icdray.config import Config, load_config
 
 log = logging.getLogger("icdray")
@@ -72,7 +72,7 @@ def run_prepare(cfg: Config):
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from icdray import baseline, metrics
+    from icdray import baseline
 
     cfg = _load(args, [f"storage={args.data}"] if args.data else [])
     out = args.out or storage.join(cfg.storage, "reports")
@@ -108,8 +108,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
     teacher_check(cfg)
     ensure_ray(cfg.ray)
     if args.predict:
-        from icdray import metrics
-
         result = distill.predict(cfg, split=args.split)
         print(metrics.format_table({result["model"]: result["metrics"]}, BASELINE_COLUMNS))
         print(distill.Summary(**result["summary"]).format())
@@ -133,19 +131,11 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
-EVAL_COLUMNS = (
-    "sample_f1",
-    "micro_f1",
-    "macro_f1",
-    "category_micro_f1",
-    "invalid_rate",
-    "empty_rate",
-    "format_ok_rate",
-)
+EVAL_COLUMNS = (*metrics.DEFAULT_COLUMNS, "format_ok_rate")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from icdray import evaluate, metrics
+    from icdray import evaluate
     from icdray.runtime import ensure_ray
 
     cfg = _load(args, [f"storage={args.data}"] if args.data else [])
@@ -175,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     The teacher is the configured one (the offline reference teacher by default; Gemini with a key and
     `teacher.external_data_ack=true`). The LLM stages run at the CPU scale set in the `demo` section.
     """
-    from icdray import baseline, distill, evaluate, metrics, sft
+    from icdray import baseline, distill, evaluate, sft
     from icdray.demo_data import write_demo
     from icdray.runtime import ensure_ray
 
@@ -308,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser(
-        "demo", help="the main job: demo data -> prepare -> distill -> baseline, prints the metrics"
+        "demo", help="the main job: demo data -> prepare -> distill -> baseline -> SFT -> evaluate, one table"
     )
     p.add_argument("--storage", help="storage root (default: artifacts)")
     p.add_argument("--force", action="store_true", help="regenerate demo data even if present")
