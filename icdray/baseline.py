@@ -60,7 +60,8 @@ def train_and_score(cfg: BaselineConfig, storage_root: str) -> dict[str, Any]:
     counts = metrics.code_frequencies(train_codes)
     kept = sorted(c for c, n in counts.items() if n >= cfg.min_code_count)
     mlb = MultiLabelBinarizer(classes=kept)
-    y = mlb.fit_transform([[c for c in codes if c in set(kept)] for codes in train_codes])
+    modelled = set(kept)
+    y = mlb.fit_transform([[c for c in codes if c in modelled] for codes in train_codes])
     vec = TfidfVectorizer(
         max_features=cfg.max_features,
         ngram_range=(1, cfg.ngram_max),

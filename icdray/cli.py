@@ -222,16 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_COLUMNS = (
-    "n",
-    "sample_f1",
-    "micro_f1",
-    "macro_f1",
-    "category_micro_f1",
-    "invalid_rate",
-    "empty_rate",
-    "format_ok_rate",
-)
+DEMO_COLUMNS = ("n", *EVAL_COLUMNS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -606,6 +606,7 @@ PRINCIPALS: tuple[Principal, ...] = (
         "sustained a mechanical fall at home and was found to have a {name}",
         "# {name}: orthopedics performed hemiarthroplasty; weight bearing as tolerated, DVT ppx for 4 weeks.",
         (_m("Enoxaparin Sodium", "40", "mg", "DAILY", "SC", "SYR"),),
+        # W19.XXXA is a real code: ICD-10-CM pads to the 7th character (A = initial encounter) with "X"
         (("W19.XXXA", "fall", 0.9), ("D62", "acute blood loss anemia", 0.4)),
         "",
         "",

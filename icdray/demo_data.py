@@ -609,10 +609,11 @@ def write_demo(
         bar.close()
         for f in files.values():
             f.close()
-    d_icd_diagnoses().to_csv(
+    titles = d_icd_diagnoses()
+    titles.to_csv(
         out / "hosp/d_icd_diagnoses.csv.gz",
         index=False,
         compression={"method": "gzip", "compresslevel": 1, "mtime": 0},
     )
-    counts["d_icd_diagnoses"] = len(d_icd_diagnoses())
+    counts["d_icd_diagnoses"] = len(titles)
     return counts

@@ -247,7 +247,7 @@ def _run_calls(items: pa.Table, cfg: TeacherConfig, out_root: str) -> None:
     limiter = None
     if cfg.requests_per_minute or cfg.tokens_per_minute:
         limiter = _limiter_class().remote(cfg.requests_per_minute, cfg.tokens_per_minute, cfg.rate_margin)
-    threads = teacher.ceil_div(cfg.concurrency, cfg.workers)
+    threads = max(1, -(-cfg.concurrency // max(1, cfg.workers)))  # ceil: all of `concurrency` is used
     rows = threads * 4  # rows per task: threads stay busy; a task's slowest call bounds its tail
     ds = ray.data.from_arrow([items.slice(i, rows) for i in range(0, items.num_rows, rows)])
     ds = ds.map_batches(
@@ -468,9 +468,7 @@ def predict(cfg: Config, split: str = "test", out_dir: str = "") -> dict[str, An
         preds.append(answer.codes)
         flags.update(answer.flags)
     gold = notes["codes"].to_pylist()
-    train_counts = metrics.code_frequencies(
-        prepare.read_split(cfg.storage, "train", ["codes"])["codes"].to_pylist()
-    )
+    train_counts = prepare.train_code_counts(cfg.storage)
     s = _summarise(records, run_keys, cached)
     s.mode, s.notes, s.seconds = "predict", notes.num_rows, seconds
     s.cost_usd = teacher.cost_usd(s.tokens_in, s.tokens_out, tcfg)

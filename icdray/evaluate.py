@@ -109,8 +109,9 @@ def run(cfg: Config, model: str, out_dir: str = "", name: str = "") -> dict[str,
     answers = dict(zip(out["hadm_id"].to_pylist(), out["answer"].to_pylist(), strict=True))
     parsed = [prompts.parse_answer(answers.get(h, "")) for h in table["hadm_id"].to_pylist()]
     gold = table["codes"].to_pylist()
-    train = prepare.read_split(cfg.storage, "train", ["codes"])["codes"].to_pylist()
-    scores = metrics.score([a.codes for a in parsed], gold, train_counts=metrics.code_frequencies(train))
+    scores = metrics.score(
+        [a.codes for a in parsed], gold, train_counts=prepare.train_code_counts(cfg.storage)
+    )
     scores["format_ok_rate"] = sum(a.ok for a in parsed) / max(1, len(parsed))
     new_tokens = sum(out["new_tokens"].to_pylist())
     seconds = time.time() - start

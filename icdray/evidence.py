@@ -114,11 +114,13 @@ class Span:
     text: str  # the note's own characters in [start, end)
 
 
+def _flexible(text: str) -> str:
+    """Regex for `text` word by word, any run of whitespace between words (quotes get re-flowed)."""
+    return r"\s+".join(re.escape(w) for w in text.split())
+
+
 def _pattern(quote: str) -> re.Pattern[str] | None:
-    words = quote.split()
-    if not words:
-        return None
-    return re.compile(r"\s+".join(re.escape(w) for w in words), re.IGNORECASE)
+    return re.compile(_flexible(quote), re.IGNORECASE) if quote.split() else None
 
 
 def find_span(note: str, quote: str) -> Span | None:
@@ -160,7 +162,7 @@ def terms(code: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=50_000)
 def _term_pattern(term: str) -> re.Pattern[str]:
-    words = r"\s+".join(re.escape(w) for w in term.split())
+    words = _flexible(term)
     # whole words only; short all-caps abbreviations match case-sensitively (HD is not "hd" in "had")
     flags = 0 if (term.isupper() and len(term) <= 4) else re.IGNORECASE
     return re.compile(rf"(?<![\w]){words}s?(?![\w])", flags)  # a plural still matches: "Penicillins"

@@ -143,4 +143,4 @@ def read_medications(root: str) -> Labels:
     return Labels(table, +dropped)
 
 
-NOTE_COLUMNS = ["note_id", "subject_id", "hadm_id", "note_type", "text"]
+NOTE_COLUMNS = ["note_id", "subject_id", "hadm_id", "text"]  # what prepare reads of note/discharge

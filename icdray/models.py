@@ -122,7 +122,7 @@ def resolve(name: str) -> str:
 
 
 def load(name: str, dtype: str = "float32") -> tuple[Any, Any]:
-    """Model and tokenizer ready for training or generation (left padding for batched generation)."""
+    """Model and tokenizer ready for training or generation; a missing pad token becomes the EOS token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

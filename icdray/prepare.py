@@ -249,7 +249,7 @@ def _attach_labels_task(
 def _note_convert_options() -> Any:
     import pyarrow.csv as pacsv
 
-    cols = ["note_id", "subject_id", "hadm_id", "text"]
+    cols = mimic.NOTE_COLUMNS
     return pacsv.ConvertOptions(
         include_columns=cols, column_types=dict.fromkeys(cols, pa.string()), strings_can_be_null=True
     )
@@ -359,7 +359,7 @@ def run_pandas(cfg: PrepareConfig, storage_root: str, mimic_root: str) -> Prepar
     _reset_outputs(storage_root)
     labels, split_map, dx_dropped = load_labels(cfg, mimic_root)
     meds, rx_dropped = load_medications(mimic_root)
-    df = mimic.read_csv(mimic_root, mimic.DISCHARGE, ["note_id", "subject_id", "hadm_id", "text"]).to_pandas()
+    df = mimic.read_csv(mimic_root, mimic.DISCHARGE, mimic.NOTE_COLUMNS).to_pandas()
     parts = []
     for lo in range(0, len(df), cfg.batch_size):
         chunk = pa.Table.from_pandas(df.iloc[lo : lo + cfg.batch_size], preserve_index=False)
@@ -382,6 +382,13 @@ def run_pandas(cfg: PrepareConfig, storage_root: str, mimic_root: str) -> Prepar
         {"diagnoses_icd": dx_dropped, "prescriptions": rx_dropped},
         time.time() - start,
     )
+
+
+def train_code_counts(storage_root: str) -> dict[str, int]:
+    """Code -> training admissions: what the rare/frequent buckets of every report are measured against."""
+    from icdray import metrics
+
+    return metrics.code_frequencies(read_split(storage_root, "train", ["codes"])["codes"].to_pylist())
 
 
 def read_split(storage_root: str, split: str, columns: list[str] | None = None) -> pa.Table:

@@ -18,7 +18,6 @@ No note text is ever logged.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
@@ -350,7 +349,3 @@ class RateLimit:
 
 def cost_usd(tokens_in: int, tokens_out: int, cfg: TeacherConfig) -> float:
     return tokens_in / 1e6 * cfg.price_input_per_mtok + tokens_out / 1e6 * cfg.price_output_per_mtok
-
-
-def ceil_div(a: int, b: int) -> int:
-    return max(1, math.ceil(a / max(1, b)))
