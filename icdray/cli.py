@@ -131,6 +131,19 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grpo(args: argparse.Namespace) -> int:
+    from icdray import controller
+    from icdray.runtime import ensure_ray
+
+    extra = [f"storage={args.data}"] if args.data else []
+    if args.model:
+        extra.append(f"grpo.model={args.model}")
+    cfg = _load(args, extra)
+    ensure_ray(cfg.ray)
+    print(controller.run(cfg).format())
+    return 0
+
+
 EVAL_COLUMNS = (*metrics.DEFAULT_COLUMNS, "format_ok_rate")
 
 
@@ -274,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="tiny | smollm2-135m | HF folder | hub id (default: smollm2-135m)")
     _common(p)
     p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser(
+        "grpo",
+        help="GRPO from the SFT model: vLLM rollout actors, reward actors, DeepSpeed learner -> checkpoints/grpo",
+    )
+    p.add_argument("--data", help="storage root holding prompts/ (and checkpoints/sft)")
+    p.add_argument("--model", help="starting model (default: STORAGE/checkpoints/sft)")
+    _common(p)
+    p.set_defaults(fn=cmd_grpo)
 
     p = sub.add_parser("evaluate", help="generate, parse and score models on a prepared split (Ray Data)")
     p.add_argument("--data", help="storage root holding prompts/")

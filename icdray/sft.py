@@ -77,6 +77,20 @@ def encode(
     return None
 
 
+def encode_prompt(tok: Any, note: str, medications: list[str], max_len: int) -> list[int]:
+    """Chat-templated prompt ids (generation prompt added) within `max_len`: long notes are re-cut the way
+    `prepare` cuts them (low-value sections first), then hard-truncated as a last resort."""
+    budget = notes.count_tokens(note)
+    for _ in range(4):
+        messages = prompts.build_messages(note, medications)
+        ids = _ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        if len(ids) <= max_len:
+            return ids
+        budget = max(32, int(budget - (len(ids) - max_len) * 1.2) - 16)
+        note = notes.prepare_note(note, max_tokens=budget).text
+    return ids[-max_len:]
+
+
 def build_examples(table: Any, tok: Any, cfg: SFTConfig) -> tuple[list[Example], list[Example], int]:
     """Train and validation examples (validation held out by patient hash) and the number dropped."""
     train, val, dropped = [], [], 0
@@ -122,50 +136,27 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def ds_config(cfg: SFTConfig) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.offload and cfg.zero_stage >= 1:
+def ds_config(
+    zero_stage: int, offload: bool, dtype: str, micro_batch_size: int, grad_accum: int
+) -> dict[str, Any]:
+    """DeepSpeed config shared by the SFT and GRPO learners (the optimizer is passed in: torch AdamW)."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload and zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu"}
-        if cfg.zero_stage == 3:
+        if zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
     return {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.dtype == "bfloat16"},
+        "bf16": {"enabled": dtype == "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
 # ------------------------------------------------------------------------------------ train loop
-
-
-def _build_model(cfg: SFTConfig, model_path: str) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # with frozen embeddings (LoRA) checkpointed blocks still need grads
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = [t for t in cfg.lora_targets if any(n.endswith(t) for n, _ in model.named_modules())]
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout,
-                target_modules=targets,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    return model
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -182,7 +173,7 @@ def train_loop(config: dict[str, Any]) -> None:
     data = ray.get(config["data_ref"][0])
     train, val, pad_id = data["train"], data["val"], data["pad_id"]
 
-    model = _build_model(cfg, config["model_path"])
+    model = models.trainable(config["model_path"], cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -194,7 +185,10 @@ def train_loop(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total, warmup))
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # reuses Ray Train's group
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config(cfg.zero_stage, cfg.offload, cfg.dtype, cfg.micro_batch_size, cfg.grad_accum),
     )
     step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
