@@ -182,7 +182,6 @@ class Controller:
 
         refs = {i: submit(i) for i in shards}
         if kill_one:  # fault drill: a rollout worker dies while its generation is in flight
-            time.sleep(0.5)
             ray.kill(self.rollout[0])
         out: dict[int, list[list[Sample]]] = {}
         for i in shards:
@@ -273,7 +272,8 @@ class Controller:
         answers = [prompts.parse_answer(g[0].text) for g in groups]
         s = metrics.score([a.codes for a in answers], [n.codes for n in notes])
         return {
-            "val_sample_f1": s["sample_f1"], "val_micro_f1": s["micro_f1"],
+            "val_sample_f1": s["sample_f1"],
+            "val_micro_f1": s["micro_f1"],
             "val_format_ok": sum(a.ok for a in answers) / max(1, len(answers)),
         }
 
@@ -425,12 +425,12 @@ def run(cfg: Config, output: str | None = None) -> GRPOResult:
             "groups": len(batch),
             "completion_tokens": sum(len(s.token_ids) for s in samples),
             "truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
-            "rollout_restarts": ctl.restarts,
         }
         m.update({k: v for k, v in upd.items() if k not in ("seconds",)})
         if g.val_every and (step % g.val_every == 0 or step == g.steps):
             with timer.phase("validate"):
                 m.update(ctl.validate(val))
+        m["rollout_restarts"] = ctl.restarts
         m["phase_s"] = {k: round(v, 3) for k, v in timer.phases.items()}
         m["step_s"] = round(sum(timer.phases.values()), 3)
         m["generate_tokens_per_s"] = m["completion_tokens"] / max(1e-6, timer.phases["generate"])

@@ -218,6 +218,20 @@ class Learner:
             "seconds": time.time() - t0,
         }
 
+    def logprobs(self, rows: list[Experience]) -> list[list[float]]:
+        """The current policy's log-probs of each row's completion tokens (no update)."""
+        import torch
+
+        self.engine.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(rows), self.cfg.micro_batch_size):
+                chunk = rows[i : i + self.cfg.micro_batch_size]
+                batch = {k: v.to(self.engine.device) for k, v in collate(chunk, self.tok_pad).items()}
+                lp = token_logprobs(self.engine, batch, self.cfg.temperature).cpu()
+                out += [lp[j, : len(r.completion_ids)].tolist() for j, r in enumerate(chunk)]
+        return out
+
     def export_weights(self) -> dict[str, Any]:
         """Full merged weights for the rollout engines (every rank joins the ZeRO-3 gather)."""
         import deepspeed

