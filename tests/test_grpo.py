@@ -122,7 +122,7 @@ def test_weight_sync_vllm_greedy_equals_learner_greedy(ray_session, store, model
     # full fine-tune with a large step: embeddings and lm_head change too (where a tied copy goes stale)
     cfg = _cfg(store, f"grpo.model={model}", "grpo.lora=false", "grpo.lr=1e-2")
     # prompts longer than a KV-cache block: a prefix cached under the old weights must not be reused
-    _sync_check(ray_session, cfg, model, [list(range(100, 400)), list(range(100, 300)) + [7, 8, 9]])
+    _sync_check(ray_session, cfg, model, [list(range(100, 400)), [*range(100, 300), 7, 8, 9]])
 
 
 @pytest.mark.slow
