@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
+
+import yaml
 
 from icdray import metrics, storage
 from icdray.config import Config, load_config
@@ -144,6 +147,34 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a checkpoint over HTTP (the Ray Serve app in serve_app/) until interrupted."""
+    from ray import serve
+
+    from icdray.runtime import ensure_ray
+    from serve_app.app import build_app
+
+    cfg = _load(args, [])
+    ensure_ray(cfg.ray)
+    user = {
+        "checkpoint": os.path.abspath(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
+    }
+    for item in args.option:
+        key, _, raw = item.partition("=")
+        user[key] = yaml.safe_load(raw)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(user, num_replicas=args.replicas), name="icdray", route_prefix="/", blocking=False)
+    print(
+        f"serving {args.checkpoint} at http://{args.host}:{args.port}/ (API: POST /v1/code, docs: /docs); Ctrl-C stops"
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 EVAL_COLUMNS = (*metrics.DEFAULT_COLUMNS, "format_ok_rate")
 
 
@@ -172,13 +203,13 @@ def teacher_check(cfg: Config) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: demo data -> prepare -> distill -> baseline -> SFT ->
-    evaluate the base model and the SFT checkpoint, then one metrics table.
+    """The main job on the embedded default: demo data -> prepare -> distill -> baseline -> SFT -> GRPO ->
+    evaluate the base model, the SFT and the SFT+GRPO checkpoints, then one metrics table.
 
     The teacher is the configured one (the offline reference teacher by default; Gemini with a key and
     `teacher.external_data_ack=true`). The LLM stages run at the CPU scale set in the `demo` section.
     """
-    from icdray import baseline, distill, evaluate, sft
+    from icdray import baseline, controller, distill, evaluate, sft
     from icdray.demo_data import write_demo
     from icdray.runtime import ensure_ray
 
@@ -189,22 +220,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     mimic_root = cfg.prepare.mimic or storage.join(cfg.storage, "mimic-demo")
     marker = storage.join(mimic_root, "note", "discharge.csv.gz")
     if args.force or not storage.exists(marker):
-        print(f"[1/6] demo data: {cfg.demo.admissions} admissions -> {mimic_root}")
+        print(f"[1/7] demo data: {cfg.demo.admissions} admissions -> {mimic_root}")
         write_demo(mimic_root, cfg.demo.admissions, seed=cfg.demo.seed)
     else:
-        print(f"[1/6] demo data: reusing {mimic_root} (--force to regenerate)")
-    print("[2/6] prepare on Ray Data")
+        print(f"[1/7] demo data: reusing {mimic_root} (--force to regenerate)")
+    print("[2/7] prepare on Ray Data")
     print(run_prepare(cfg).format())
-    print(f"[3/6] distill: {cfg.teacher.backend} teacher on the train split (Ray Data)")
+    print(f"[3/7] distill: {cfg.teacher.backend} teacher on the train split (Ray Data)")
     ensure_ray(cfg.ray)
     print(distill.run(cfg).format())
-    print("[4/6] baseline: TF-IDF + one-vs-rest logistic regression")
+    print("[4/7] baseline: TF-IDF + one-vs-rest logistic regression")
     out = storage.join(cfg.storage, "reports")
     rows = {}
     result = baseline.run(cfg.baseline, cfg.storage, out)
     rows[result["model"]] = result["metrics"]
     print(
-        f"[5/6] sft: {cfg.sft.model}, {'LoRA' if cfg.sft.lora else 'full'}, ZeRO-{cfg.sft.zero_stage}, "
+        f"[5/7] sft: {cfg.sft.model}, {'LoRA' if cfg.sft.lora else 'full'}, ZeRO-{cfg.sft.zero_stage}, "
         f"{cfg.sft.num_workers} Ray Train workers, {cfg.demo.sft_steps} steps on {cfg.demo.sft_examples} exemplars"
     )
     demo_cfg = dataclasses.replace(
@@ -218,8 +249,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     trained = sft.run(demo_cfg)
     print(trained.format())
-    print(f"[6/6] evaluate base vs SFT on {cfg.demo.eval_notes} test notes (Ray Data batch generation)")
-    for model, name in ((cfg.sft.model, f"base-{cfg.sft.model}"), (trained.output, f"sft-{cfg.sft.model}")):
+    d = cfg.demo
+    grpo_cfg = dataclasses.replace(
+        demo_cfg,
+        grpo=dataclasses.replace(
+            cfg.grpo,
+            model=trained.output,
+            steps=d.grpo_steps,
+            prompts_per_step=d.grpo_prompts,
+            group_size=d.grpo_group,
+            max_new_tokens=d.grpo_max_new_tokens,
+            max_prompt_tokens=d.sft_max_seq_len,
+            checkpoint_every=d.grpo_steps,
+            val_every=0,
+            learner_threads=2,  # phases alternate: the learner may use both cores while vLLM waits
+        ),
+    )
+    print(
+        f"[6/7] grpo: {d.grpo_steps} steps x {d.grpo_prompts} notes x {d.grpo_group} answers from the SFT model "
+        f"({cfg.grpo.rollout_backend} rollout actor, reward actor, DeepSpeed learner actor)"
+    )
+    tuned = controller.run(grpo_cfg)
+    print(tuned.format())
+    print(f"[7/7] evaluate base, SFT, SFT+GRPO on {d.eval_notes} test notes (Ray Data batch generation)")
+    for model, name in (
+        (cfg.sft.model, f"base-{cfg.sft.model}"),
+        (trained.output, f"sft-{cfg.sft.model}"),
+        (tuned.output, f"sft+grpo-{cfg.sft.model}"),
+    ):
         result = evaluate.run(demo_cfg, model, out_dir=out, name=name)
         rows[name] = result["metrics"]
         print(f"  {name}: {result['generated_tokens']} tokens generated in {result['seconds']}s")
@@ -229,7 +286,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(metrics.format_table(rows, DEMO_COLUMNS))
     print(
-        f"\nexemplars in {storage.join(cfg.storage, 'exemplars')}, model in {trained.output}, reports in {out}; "
+        f"\nexemplars in {storage.join(cfg.storage, 'exemplars')}, models in {trained.output} and "
+        f"{tuned.output}, reports in {out}; "
         f"total {time.time() - t0:.0f}s"
     )
     return 0
@@ -297,6 +355,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(fn=cmd_grpo)
 
+    p = sub.add_parser("serve", help="serve a checkpoint with Ray Serve: HTTP API + coder page")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder (checkpoints/grpo, ...) or model name"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="serving option (user_config), e.g. --option constrained=false --option max_batch_size=16",
+    )
+    _common(p)
+    p.set_defaults(fn=cmd_serve)
+
     p = sub.add_parser("evaluate", help="generate, parse and score models on a prepared split (Ray Data)")
     p.add_argument("--data", help="storage root holding prompts/")
     p.add_argument(
@@ -311,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser(
-        "demo", help="the main job: demo data -> prepare -> distill -> baseline -> SFT -> evaluate, one table"
+        "demo",
+        help="the main job: demo data -> prepare -> distill -> baseline -> SFT -> GRPO -> evaluate, one table",
     )
     p.add_argument("--storage", help="storage root (default: artifacts)")
     p.add_argument("--force", action="store_true", help="regenerate demo data even if present")

@@ -33,6 +33,10 @@ class DemoConfig:
     sft_max_seq_len: int = 1536  # SmolLM2 peaks at ~5.5 GB per worker at 1.5k tokens on CPU, ~10 GB at 3k
     eval_notes: int = 4
     eval_max_new_tokens: int = 1024
+    grpo_steps: int = 4  # a short GRPO stage after SFT: shows the loop, too short to move F1 much
+    grpo_prompts: int = 2
+    grpo_group: int = 4
+    grpo_max_new_tokens: int = 256
 
 
 @dataclass(frozen=True)

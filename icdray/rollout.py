@@ -57,7 +57,7 @@ def _repack_tied_lm_head(model: Any) -> None:
     dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
 
 
-class _VLLMEngine:
+class VLLMEngine:
     def __init__(self, model_path: str, settings: dict[str, Any]) -> None:
         # must be set before vllm is imported: KV cache size (GiB) on CPU, and the engine in this process
         # (start-up ~4 s instead of ~30 s for a separate engine process)
@@ -70,7 +70,11 @@ class _VLLMEngine:
 
         self.tied = bool(getattr(AutoConfig.from_pretrained(model_path), "tie_word_embeddings", False))
         self.on_cpu = not settings.get("use_gpu", False)
+        extra = {}
+        if settings.get("structured"):  # grammars for constrained decoding (serving); fixed per engine
+            extra["structured_outputs_config"] = {"backend": "xgrammar"}
         self.llm = LLM(
+            **extra,
             model=model_path,
             dtype=settings.get("dtype", "float32"),  # bf16 is ~4x slower on CPUs without AVX-512 bf16
             enforce_eager=self.on_cpu,
@@ -80,9 +84,14 @@ class _VLLMEngine:
         )
         self.tok = self.llm.get_tokenizer()
 
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Sample]]:
+    def generate(
+        self, prompts: list[list[int]], spec: SamplingSpec, grammar: str | None = None
+    ) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
+
+        constrained = {"structured_outputs": StructuredOutputsParams(grammar=grammar)} if grammar else {}
 
         params = [
             SamplingParams(
@@ -92,6 +101,7 @@ class _VLLMEngine:
                 max_tokens=spec.max_tokens,
                 logprobs=0,  # the sampled token's own log-prob
                 seed=spec.seed + i,
+                **constrained,
             )
             for i in range(len(prompts))
         ]
@@ -115,7 +125,7 @@ class _VLLMEngine:
         self.llm.reset_prefix_cache()
 
 
-class _HFEngine:
+class HFEngine:
     def __init__(self, model_path: str, settings: dict[str, Any]) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -128,9 +138,13 @@ class _HFEngine:
         ).eval()
         self.eos = set(_eos_ids(self.model.generation_config, self.tok))
 
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Sample]]:
+    def generate(
+        self, prompts: list[list[int]], spec: SamplingSpec, grammar: str | None = None
+    ) -> list[list[Sample]]:
         import torch
 
+        if grammar:
+            raise ValueError("constrained decoding needs the vllm engine (set engine: vllm)")
         result = []
         for i, prompt in enumerate(prompts):  # one prompt per call: its G samples are one batch
             torch.manual_seed(spec.seed + i)
@@ -173,6 +187,12 @@ class _HFEngine:
         self.model.load_state_dict(weights, strict=False)
 
 
+def make_engine(backend: str, model_path: str, settings: dict[str, Any]) -> VLLMEngine | HFEngine:
+    if backend not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {backend!r}")
+    return (VLLMEngine if backend == "vllm" else HFEngine)(model_path, settings)
+
+
 def _eos_ids(gen_config: Any, tok: Any) -> list[int]:
     eos = gen_config.eos_token_id if gen_config is not None else None
     eos = eos if eos is not None else tok.eos_token_id
@@ -185,12 +205,10 @@ class RolloutWorker:
     def __init__(
         self, model_path: str, backend: str = "vllm", settings: dict[str, Any] | None = None
     ) -> None:
-        if backend not in ENGINES:
-            raise ValueError(f"grpo.rollout_backend must be one of {ENGINES}, got {backend!r}")
         t = time.time()
         settings = settings or {}
         self.backend = backend
-        self.engine = (_VLLMEngine if backend == "vllm" else _HFEngine)(model_path, settings)
+        self.engine = make_engine(backend, model_path, settings)
         self.version = 0  # learner step whose weights this worker holds
         self.counters = {"startup_s": time.time() - t, "tokens": 0, "generate_s": 0.0, "load_s": 0.0}
 

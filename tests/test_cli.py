@@ -57,7 +57,7 @@ def test_prepare_job_module_reports_missing_input(tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end_in_a_subprocess(tmp_path):
-    """`icdray demo` as `make demo` runs it: data -> prepare -> distill -> baseline -> SFT -> evaluate -> table."""
+    """`icdray demo` as `make demo` runs it: data -> prepare -> distill -> baseline -> SFT -> GRPO -> evaluate."""
     exe = Path(sys.executable).with_name("icdray")
     proc = subprocess.run(
         [
@@ -72,6 +72,7 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
             # the demo's LLM stages at test scale: the tiny model, 2 steps, 2 short answers per model
             *("--set", "sft.model=tiny", "--set", "demo.sft_steps=2", "--set", "demo.sft_examples=8"),
             *("--set", "demo.eval_notes=2", "--set", "demo.eval_max_new_tokens=16"),
+            *("--set", "demo.grpo_steps=2", "--set", "demo.grpo_max_new_tokens=16"),
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -87,3 +88,5 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
     assert (tmp_path / "checkpoints/sft/config.json").exists()
     assert "| base-tiny |" in proc.stdout and "| sft-tiny |" in proc.stdout
     assert (tmp_path / "reports/sft-tiny.json").exists()
+    assert "[grpo] step 2/2" in proc.stdout and (tmp_path / "checkpoints/grpo/model.safetensors").exists()
+    assert "| sft+grpo-tiny |" in proc.stdout and (tmp_path / "reports/sft+grpo-tiny.json").exists()
