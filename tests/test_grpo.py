@@ -141,10 +141,12 @@ def test_weight_sync_smollm2_tied_embeddings(ray_session, store):
 
 @pytest.mark.slow
 def test_a_few_dozen_steps_raise_the_mean_reward(ray_session, store, tmp_path):
+    # the random tiny model learns to answer shorter: about -50 characters over the limit -> about 0 in 30 steps
     cfg = _cfg(
         store,
         *LENGTH_ONLY,
-        "grpo.steps=24",
+        "grpo.steps=30",
+        "grpo.prompts_per_step=4",
         "grpo.group_size=8",
         "grpo.max_new_tokens=8",
         "grpo.lora=false",
@@ -153,9 +155,9 @@ def test_a_few_dozen_steps_raise_the_mean_reward(ray_session, store, tmp_path):
     )
     result = controller.run(cfg, output=str(tmp_path / "grpo"))
     rewards = [m["reward_mean"] for m in result.history]
-    assert len(rewards) == 24
+    assert len(rewards) == 30
     first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
-    assert last > first + 2.0, rewards  # ~ -53 -> -45 characters over the limit
+    assert last > first + 10.0, rewards
     assert (tmp_path / "grpo" / "model.safetensors").exists()
 
 
@@ -212,7 +214,7 @@ def test_killed_run_resumes_at_the_next_step_with_the_same_data_and_weights(ray_
 
 @pytest.mark.slow
 def test_transformers_rollout_backend(ray_session, store, tmp_path):
-    cfg = _cfg(store, "grpo.steps=1", "grpo.rollout_backend=hf")
+    cfg = _cfg(store, "grpo.steps=1", "grpo.rollout_backend=hf", *LENGTH_ONLY)
     result = controller.run(cfg, output=str(tmp_path / "grpo"))
     m = result.history[0]
     assert m["completion_tokens"] > 0 and "loss" in m
