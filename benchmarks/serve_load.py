@@ -55,7 +55,13 @@ def load(url: str, clients: int, seconds: float, notes: list[str]) -> dict[str, 
     def pct(q: float) -> float:
         return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
 
-    return {"requests": len(lat), "errors": errors[0], "rps": len(lat) / wall, "p50_s": pct(0.5), "p99_s": pct(0.99)}
+    return {
+        "requests": len(lat),
+        "errors": errors[0],
+        "rps": len(lat) / wall,
+        "p50_s": pct(0.5),
+        "p99_s": pct(0.99),
+    }
 
 
 def main() -> None:
@@ -101,11 +107,16 @@ def main() -> None:
             except OSError:
                 time.sleep(1)
         warm = {"url": url + "/v1/code", "clients": 2, "seconds": 5, "notes": notes}
-        subprocess.run([sys.executable, __file__, "--load", json.dumps(warm)], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, __file__, "--load", json.dumps(warm)], check=True, capture_output=True
+        )
         for clients in args.clients:
             spec = {"url": url + "/v1/code", "clients": clients, "seconds": args.seconds, "notes": notes}
             out = subprocess.run(
-                [sys.executable, __file__, "--load", json.dumps(spec)], check=True, capture_output=True, text=True
+                [sys.executable, __file__, "--load", json.dumps(spec)],
+                check=True,
+                capture_output=True,
+                text=True,
             )
             result = json.loads(out.stdout.strip().splitlines()[-1])
             rows[f"max_batch_size={batch}, {clients} clients"] = result
@@ -117,7 +128,9 @@ def main() -> None:
     print(metrics.format_table(rows, ("requests", "errors", "rps", "p50_s", "p99_s")))
     for clients in args.clients:
         b, n = rows[f"max_batch_size=32, {clients} clients"], rows[f"max_batch_size=1, {clients} clients"]
-        print(f"{clients} clients: throughput x{b['rps'] / n['rps']:.2f}, p99 {b['p99_s']:.1f}s vs {n['p99_s']:.1f}s")
+        print(
+            f"{clients} clients: throughput x{b['rps'] / n['rps']:.2f}, p99 {b['p99_s']:.1f}s vs {n['p99_s']:.1f}s"
+        )
 
 
 if __name__ == "__main__":

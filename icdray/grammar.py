@@ -8,7 +8,8 @@ with xgrammar (~2-3 s once per engine, then ~0.04 ms of token masking per step).
 `choice` list or a JSON-schema enum: those take 46-78 s to compile for this many codes.
 
 A valid code is not a correct one: the constraint fixes validity, training fixes relevance.
-Left out: limiting the number of codes, and grammar-level checks that evidence occurs in the note.
+Between 1 and `max_codes` codes (every admission has a principal diagnosis).
+Left out: grammar-level checks that evidence occurs in the note.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def _trie_rules(words: list[str]) -> str:
 
 
 def answer_grammar(
-    code_set: Iterable[str] | None = None, max_reasoning_chars: int = 1500, max_evidence_chars: int = 200
+    code_set: Iterable[str] | None = None,
+    max_reasoning_chars: int = 1500,
+    max_evidence_chars: int = 200,
+    max_codes: int = 40,
 ) -> str:
     """The EBNF (xgrammar dialect) of an answer whose codes all come from `code_set` (default: billable)."""
     words = sorted(
@@ -54,7 +58,8 @@ def answer_grammar(
         [
             'root ::= "<reasoning>\\n" reasoning "\\n</reasoning>\\n<answer>\\n" payload "\\n</answer>"',
             f"reasoning ::= [^<]{{0,{max_reasoning_chars}}}",
-            'payload ::= "{\\"codes\\": [" (item (", " item)*)? "]}"',
+            # an admission has at least one diagnosis; MIMIC-IV admissions have up to 39
+            f'payload ::= "{{\\"codes\\": [" item (", " item){{0,{max_codes - 1}}} "]}}"',
             'item ::= "{\\"code\\": \\"" code "\\", \\"evidence\\": \\"" evidence "\\"}"',
             f'evidence ::= [^"\\\\<\\n]{{0,{max_evidence_chars}}}',
             f"code ::= {_trie_rules(words)}",

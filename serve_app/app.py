@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "max_prompt_tokens": 2048,
     "max_reasoning_chars": 1500,  # grammar bounds: an answer always closes before max_new_tokens
     "max_evidence_chars": 200,
+    "max_codes": 40,
     "max_batch_size": 8,
     "batch_wait_timeout_s": 0.05,
     "kv_cache_gb": 1,
@@ -82,7 +83,7 @@ class Guard(BaseHTTPMiddleware):
     """Size, content type and auth checks before a request reaches the model."""
 
     async def dispatch(self, request: Request, call_next: Any) -> Any:
-        path = request.url.path
+        path = request.url.path.removeprefix(request.scope.get("root_path", ""))  # without the route prefix
         if path.startswith("/v1/"):
             token = os.environ.get(os.environ.get("ICDRAY_TOKEN_ENV", "ICDRAY_API_TOKEN"), "")
             sent = request.headers.get("authorization", "")
@@ -117,6 +118,20 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     if any(e["type"] == "json_invalid" for e in exc.errors()):
         return _error(400, "invalid JSON", problems)
     return _error(422, "invalid request", problems)
+
+
+def _example(i: int) -> dict[str, Any]:
+    from icdray import codes, notes
+    from icdray.demo_data import generate_chunk
+
+    rows = generate_chunk(seed=11, first_patient=i % 50, n_patients=1, first_hadm=20_000_000)
+    note = rows["discharge"][0]["text"]
+    hadm = rows["discharge"][0]["hadm_id"]
+    meds = sorted({r["drug"] for r in rows["prescriptions"] if r["hadm_id"] == hadm})
+    gold = [
+        r["icd_code"] for r in rows["diagnoses_icd"] if r["hadm_id"] == hadm and str(r["icd_version"]) == "10"
+    ]
+    return {"note": notes.prepare_note(note, max_tokens=1500).text, "medications": meds, "gold_codes": gold}
 
 
 @serve.deployment(
@@ -166,7 +181,9 @@ class Coder:
             self.tok = self.engine.tok
         self.grammar = (
             grammar.answer_grammar(
-                max_reasoning_chars=new["max_reasoning_chars"], max_evidence_chars=new["max_evidence_chars"]
+                max_reasoning_chars=new["max_reasoning_chars"],
+                max_evidence_chars=new["max_evidence_chars"],
+                max_codes=new["max_codes"],
             )
             if new["constrained"]
             else None
@@ -258,20 +275,6 @@ class Coder:
     def check_health(self) -> None:
         if self.engine is None:
             raise RuntimeError("model not loaded")
-
-
-def _example(i: int) -> dict[str, Any]:
-    from icdray import codes, notes
-    from icdray.demo_data import generate_chunk
-
-    rows = generate_chunk(seed=11, first_patient=i % 50, n_patients=1, first_hadm=20_000_000)
-    note = rows["discharge"][0]["text"]
-    hadm = rows["discharge"][0]["hadm_id"]
-    meds = sorted({r["drug"] for r in rows["prescriptions"] if r["hadm_id"] == hadm})
-    gold = [
-        r["icd_code"] for r in rows["diagnoses_icd"] if r["hadm_id"] == hadm and str(r["icd_version"]) == "10"
-    ]
-    return {"note": notes.prepare_note(note, max_tokens=1500).text, "medications": meds, "gold_codes": gold}
 
 
 def build_app(user_config: dict[str, Any] | None = None, **options: Any) -> Any:

@@ -26,6 +26,7 @@ TINY = {
     "max_new_tokens": 96,
     "max_reasoning_chars": 8,
     "max_evidence_chars": 12,
+    "max_codes": 3,
     "max_batch_size": 16,
     "batch_wait_timeout_s": 0.1,
 }
