@@ -220,22 +220,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     mimic_root = cfg.prepare.mimic or storage.join(cfg.storage, "mimic-demo")
     marker = storage.join(mimic_root, "note", "discharge.csv.gz")
     if args.force or not storage.exists(marker):
-        print(f"[1/7] demo data: {cfg.demo.admissions} admissions -> {mimic_root}")
+        print(f"[1/8] demo data: {cfg.demo.admissions} admissions -> {mimic_root}")
         write_demo(mimic_root, cfg.demo.admissions, seed=cfg.demo.seed)
     else:
-        print(f"[1/7] demo data: reusing {mimic_root} (--force to regenerate)")
-    print("[2/7] prepare on Ray Data")
+        print(f"[1/8] demo data: reusing {mimic_root} (--force to regenerate)")
+    print("[2/8] prepare on Ray Data")
     print(run_prepare(cfg).format())
-    print(f"[3/7] distill: {cfg.teacher.backend} teacher on the train split (Ray Data)")
+    print(f"[3/8] distill: {cfg.teacher.backend} teacher on the train split (Ray Data)")
     ensure_ray(cfg.ray)
     print(distill.run(cfg).format())
-    print("[4/7] baseline: TF-IDF + one-vs-rest logistic regression")
+    print("[4/8] baseline: TF-IDF + one-vs-rest logistic regression")
     out = storage.join(cfg.storage, "reports")
     rows = {}
     result = baseline.run(cfg.baseline, cfg.storage, out)
     rows[result["model"]] = result["metrics"]
     print(
-        f"[5/7] sft: {cfg.sft.model}, {'LoRA' if cfg.sft.lora else 'full'}, ZeRO-{cfg.sft.zero_stage}, "
+        f"[5/8] sft: {cfg.sft.model}, {'LoRA' if cfg.sft.lora else 'full'}, ZeRO-{cfg.sft.zero_stage}, "
         f"{cfg.sft.num_workers} Ray Train workers, {cfg.demo.sft_steps} steps on {cfg.demo.sft_examples} exemplars"
     )
     demo_cfg = dataclasses.replace(
@@ -266,12 +266,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ),
     )
     print(
-        f"[6/7] grpo: {d.grpo_steps} steps x {d.grpo_prompts} notes x {d.grpo_group} answers from the SFT model "
+        f"[6/8] grpo: {d.grpo_steps} steps x {d.grpo_prompts} notes x {d.grpo_group} answers from the SFT model "
         f"({cfg.grpo.rollout_backend} rollout actor, reward actor, DeepSpeed learner actor)"
     )
     tuned = controller.run(grpo_cfg)
     print(tuned.format())
-    print(f"[7/7] evaluate base, SFT, SFT+GRPO on {d.eval_notes} test notes (Ray Data batch generation)")
+    print(f"[7/8] evaluate base, SFT, SFT+GRPO on {d.eval_notes} test notes (Ray Data batch generation)")
     for model, name in (
         (cfg.sft.model, f"base-{cfg.sft.model}"),
         (trained.output, f"sft-{cfg.sft.model}"),
@@ -287,10 +287,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(metrics.format_table(rows, DEMO_COLUMNS))
     print(
         f"\nexemplars in {storage.join(cfg.storage, 'exemplars')}, models in {trained.output} and "
-        f"{tuned.output}, reports in {out}; "
-        f"total {time.time() - t0:.0f}s"
+        f"{tuned.output}, reports in {out}"
     )
+    print("[8/8] serve the SFT+GRPO model with Ray Serve and code one test note over HTTP")
+    serve_demo(tuned.output, cfg, port=args.port, keep=args.keep_serving)
+    print(f"total {time.time() - t0:.0f}s")
     return 0
+
+
+def serve_demo(checkpoint: str, cfg: Config, port: int, keep: bool) -> None:
+    """Serve `checkpoint`, POST one test note to /v1/code, print the codes and the page's URL."""
+    import json
+    import urllib.request
+
+    from ray import serve
+
+    from icdray import prepare
+    from serve_app.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # short reasoning so that the codes fit in the demo's token budget
+    user = {
+        "checkpoint": os.path.abspath(checkpoint),
+        "max_new_tokens": cfg.demo.eval_max_new_tokens,
+        "max_reasoning_chars": 600,
+    }
+    serve.run(build_app(user), name="icdray", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    row = prepare.read_split(cfg.storage, "test", ["note", "medications", "codes"]).slice(0, 1).to_pylist()[0]
+    body = json.dumps({"note": row["note"], "medications": row["medications"] or []}).encode()
+    req = urllib.request.Request(url + "/v1/code", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        answer = json.loads(r.read())
+    print(
+        f"POST {url}/v1/code -> {len(answer['codes'])} codes in {answer['latency_ms']:.0f} ms (gold: {len(row['codes'])})"
+    )
+    for c in answer["codes"][:12]:
+        hit = "gold" if c["code"] in row["codes"] else "    "
+        where = f"@{c['evidence_span'][0]}" if c["evidence_span"] else "not in note"
+        print(
+            f"  {hit} {c['code']:<8} {c['description'][:60]:<60} evidence: {c['evidence'][:40]!r} ({where})"
+        )
+    print(f"coder page: {url}/   API docs: {url}/docs")
+    if keep:
+        print("serving until Ctrl-C")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    else:
+        print(
+            f"(the demo stops here; keep it up with --keep-serving, or: icdray serve --checkpoint {checkpoint})"
+        )
+    serve.shutdown()
 
 
 DEMO_COLUMNS = ("n", *EVAL_COLUMNS)
@@ -387,10 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="the main job: demo data -> prepare -> distill -> baseline -> SFT -> GRPO -> evaluate, one table",
+        help="the main job: demo data -> prepare -> distill -> baseline -> SFT -> GRPO -> evaluate -> serve",
     )
     p.add_argument("--storage", help="storage root (default: artifacts)")
     p.add_argument("--force", action="store_true", help="regenerate demo data even if present")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the served model (default 8000)")
+    p.add_argument("--keep-serving", action="store_true", help="keep the coder page up after the demo")
     _common(p)
     p.set_defaults(fn=cmd_demo)
     return ap

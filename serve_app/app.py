@@ -121,7 +121,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 
 def _example(i: int) -> dict[str, Any]:
-    from icdray import codes, notes
+    from icdray import notes
     from icdray.demo_data import generate_chunk
 
     rows = generate_chunk(seed=11, first_patient=i % 50, n_patients=1, first_hadm=20_000_000)

@@ -55,9 +55,17 @@ def test_prepare_job_module_reports_missing_input(tmp_path):
     assert "not found" in proc.stderr and "MIMIC-IV root" in proc.stderr
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_in_a_subprocess(tmp_path):
-    """`icdray demo` as `make demo` runs it: data -> prepare -> distill -> baseline -> SFT -> GRPO -> evaluate."""
+    """`icdray demo` as `make demo` runs it: data -> prepare -> distill -> baseline -> SFT -> GRPO -> evaluate -> serve."""
     exe = Path(sys.executable).with_name("icdray")
     proc = subprocess.run(
         [
@@ -73,6 +81,7 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
             *("--set", "sft.model=tiny", "--set", "demo.sft_steps=2", "--set", "demo.sft_examples=8"),
             *("--set", "demo.eval_notes=2", "--set", "demo.eval_max_new_tokens=16"),
             *("--set", "demo.grpo_steps=2", "--set", "demo.grpo_max_new_tokens=16"),
+            *("--port", str(_free_port())),
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -90,3 +99,4 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
     assert (tmp_path / "reports/sft-tiny.json").exists()
     assert "[grpo] step 2/2" in proc.stdout and (tmp_path / "checkpoints/grpo/model.safetensors").exists()
     assert "| sft+grpo-tiny |" in proc.stdout and (tmp_path / "reports/sft+grpo-tiny.json").exists()
+    assert "POST http://127.0.0.1:" in proc.stdout and "coder page: http://127.0.0.1:" in proc.stdout
