@@ -175,6 +175,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace, rest: list[str]) -> int:
+    """Submit `python -m jobs.<stage> ...` through the Ray Jobs API, stream its logs, return its status."""
+    import asyncio
+    import shlex
+    from pathlib import Path
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    root = Path(args.working_dir).resolve()
+    if not (root / "jobs" / f"{args.stage}.py").exists():
+        stages = sorted(p.stem for p in (root / "jobs").glob("*.py") if p.stem != "__init__")
+        raise SystemExit(f"no job jobs/{args.stage}.py under {root}; stages: {', '.join(stages)}")
+    env = yaml.safe_load(Path(args.runtime_env).read_text()) if args.runtime_env else {}
+    env = {**(env or {}), "working_dir": str(root)}
+    address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or "http://127.0.0.1:8265"
+    client = JobSubmissionClient(address)
+    entrypoint = f"python -m jobs.{args.stage} {shlex.join(rest)}".strip()
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env)
+    print(f"submitted {job_id} to {address}: {entrypoint}", flush=True)
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            print(chunk, end="", flush=True)
+
+    if not args.no_wait:
+        asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    while not args.no_wait and not status.is_terminal():
+        time.sleep(1)
+        status = client.get_job_status(job_id)
+    print(f"\njob {job_id}: {status.value}", flush=True)
+    return 0 if args.no_wait or status == JobStatus.SUCCEEDED else 1
+
+
 EVAL_COLUMNS = (*metrics.DEFAULT_COLUMNS, "format_ok_rate")
 
 
@@ -405,6 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(fn=cmd_grpo)
 
+    p = sub.add_parser(
+        "submit",
+        help="submit a stage (python -m jobs.<stage>) to a Ray cluster through the Jobs API and stream its logs",
+    )
+    p.add_argument("stage", help="prepare | distill | sft | grpo | evaluate | pipeline | ...")
+    p.add_argument(
+        "--address", help="Jobs API address (default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"
+    )
+    p.add_argument("--runtime-env", default="cluster/runtime_env.yaml", help="runtime env YAML ('' for none)")
+    p.add_argument("--working-dir", default=".", help="repository root to upload (default .)")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    p.set_defaults(fn=cmd_submit, passthrough=True)
+
     p = sub.add_parser("serve", help="serve a checkpoint with Ray Serve: HTTP API + coder page")
     p.add_argument(
         "--checkpoint", required=True, help="checkpoint folder (checkpoints/grpo, ...) or model name"
@@ -449,13 +496,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return args.fn(args)
+        return args.fn(args, rest) if getattr(args, "passthrough", False) else args.fn(args)
     except (FileNotFoundError, ValueError, PermissionError) as e:
         print(f"icdray {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -346,7 +346,8 @@ def run(cfg: Config, output: str | None = None) -> GRPOResult:
     )
     t0 = time.time()
     ctl = Controller(cfg, model_path, str(out))
-    print(f"[grpo] actors ready in {time.time() - t0:.1f}s", flush=True)
+    nodes = {st["node_id"] for st in ctl.stats()}
+    print(f"[grpo] actors ready in {time.time() - t0:.1f}s; rollout nodes: {len(nodes)}", flush=True)
 
     resumed, folder = latest_checkpoint(state_root)
     metrics_path = out / "metrics.jsonl"
