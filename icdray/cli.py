@@ -236,148 +236,28 @@ def teacher_check(cfg: Config) -> None:
     teacher.check_data_use(cfg.teacher)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: demo data -> prepare -> distill -> baseline -> SFT -> GRPO ->
-    evaluate the base model, the SFT and the SFT+GRPO checkpoints, then one metrics table.
-
-    The teacher is the configured one (the offline reference teacher by default; Gemini with a key and
-    `teacher.external_data_ack=true`). The LLM stages run at the CPU scale set in the `demo` section.
-    """
-    from icdray import baseline, controller, distill, evaluate, sft
-    from icdray.demo_data import write_demo
-    from icdray.runtime import ensure_ray
+def cmd_demo(args: argparse.Namespace, serve: bool = True) -> int:
+    """The main job on the embedded default (`icdray demo`; `icdray pipeline` stops before serving)."""
+    from icdray import pipeline
 
     cfg = _load(args, [f"storage={args.storage}"] if args.storage else [])
-    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, dashboard=True))  # the demo trains
     teacher_check(cfg)
-    t0 = time.time()
-    mimic_root = cfg.prepare.mimic or storage.join(cfg.storage, "mimic-demo")
-    marker = storage.join(mimic_root, "note", "discharge.csv.gz")
-    if args.force or not storage.exists(marker):
-        print(f"[1/8] demo data: {cfg.demo.admissions} admissions -> {mimic_root}")
-        write_demo(mimic_root, cfg.demo.admissions, seed=cfg.demo.seed)
-    else:
-        print(f"[1/8] demo data: reusing {mimic_root} (--force to regenerate)")
-    print("[2/8] prepare on Ray Data")
-    print(run_prepare(cfg).format())
-    print(f"[3/8] distill: {cfg.teacher.backend} teacher on the train split (Ray Data)")
-    ensure_ray(cfg.ray)
-    print(distill.run(cfg).format())
-    print("[4/8] baseline: TF-IDF + one-vs-rest logistic regression")
-    out = storage.join(cfg.storage, "reports")
-    rows = {}
-    result = baseline.run(cfg.baseline, cfg.storage, out)
-    rows[result["model"]] = result["metrics"]
-    print(
-        f"[5/8] sft: {cfg.sft.model}, {'LoRA' if cfg.sft.lora else 'full'}, ZeRO-{cfg.sft.zero_stage}, "
-        f"{cfg.sft.num_workers} Ray Train workers, {cfg.demo.sft_steps} steps on {cfg.demo.sft_examples} exemplars"
-    )
-    demo_cfg = dataclasses.replace(
-        cfg,
-        sft=dataclasses.replace(
-            cfg.sft, max_steps=cfg.demo.sft_steps, limit=cfg.demo.sft_examples, grad_accum=1, val_fraction=0.0
-        ),
-        evaluate=dataclasses.replace(
-            cfg.evaluate, limit=cfg.demo.eval_notes, max_new_tokens=cfg.demo.eval_max_new_tokens
-        ),
-    )
-    trained = sft.run(demo_cfg)
-    print(trained.format())
-    d = cfg.demo
-    grpo_cfg = dataclasses.replace(
-        demo_cfg,
-        grpo=dataclasses.replace(
-            cfg.grpo,
-            model=trained.output,
-            steps=d.grpo_steps,
-            prompts_per_step=d.grpo_prompts,
-            group_size=d.grpo_group,
-            max_new_tokens=d.grpo_max_new_tokens,
-            max_prompt_tokens=d.sft_max_seq_len,
-            checkpoint_every=d.grpo_steps,
-            val_every=0,
-            learner_threads=2,  # phases alternate: the learner may use both cores while vLLM waits
-        ),
-    )
-    print(
-        f"[6/8] grpo: {d.grpo_steps} steps x {d.grpo_prompts} notes x {d.grpo_group} answers from the SFT model "
-        f"({cfg.grpo.rollout_backend} rollout actor, reward actor, DeepSpeed learner actor)"
-    )
-    tuned = controller.run(grpo_cfg)
-    print(tuned.format())
-    print(f"[7/8] evaluate base, SFT, SFT+GRPO on {d.eval_notes} test notes (Ray Data batch generation)")
-    for model, name in (
-        (cfg.sft.model, f"base-{cfg.sft.model}"),
-        (trained.output, f"sft-{cfg.sft.model}"),
-        (tuned.output, f"sft+grpo-{cfg.sft.model}"),
-    ):
-        result = evaluate.run(demo_cfg, model, out_dir=out, name=name)
-        rows[name] = result["metrics"]
-        print(f"  {name}: {result['generated_tokens']} tokens generated in {result['seconds']}s")
-    print(
-        f"\nTest split (LLM rows: first {cfg.demo.eval_notes} admissions; discharge diagnosis section "
-        f"{'kept' if cfg.prepare.keep_discharge_diagnosis else 'removed'}):\n"
-    )
-    print(metrics.format_table(rows, DEMO_COLUMNS))
-    print(
-        f"\nexemplars in {storage.join(cfg.storage, 'exemplars')}, models in {trained.output} and "
-        f"{tuned.output}, reports in {out}"
-    )
-    print("[8/8] serve the SFT+GRPO model with Ray Serve and code one test note over HTTP")
-    serve_demo(tuned.output, cfg, port=args.port, keep=args.keep_serving)
-    print(f"total {time.time() - t0:.0f}s")
+    pipeline.run(cfg, force=args.force, serve_port=args.port if serve else 0, keep_serving=args.keep_serving)
     return 0
 
 
-def serve_demo(checkpoint: str, cfg: Config, port: int, keep: bool) -> None:
-    """Serve `checkpoint`, POST one test note to /v1/code, print the codes and the page's URL."""
-    import json
-    import urllib.request
-
-    from ray import serve
-
-    from icdray import prepare
-    from serve_app.app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # short reasoning so that the codes fit in the demo's token budget
-    user = {
-        "checkpoint": os.path.abspath(checkpoint),
-        "max_new_tokens": cfg.demo.eval_max_new_tokens,
-        "max_reasoning_chars": 600,
-    }
-    serve.run(build_app(user), name="icdray", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    row = prepare.read_split(cfg.storage, "test", ["note", "medications", "codes"]).slice(0, 1).to_pylist()[0]
-    body = json.dumps({"note": row["note"], "medications": row["medications"] or []}).encode()
-    req = urllib.request.Request(url + "/v1/code", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        answer = json.loads(r.read())
-    print(
-        f"POST {url}/v1/code -> {len(answer['codes'])} codes in {answer['latency_ms']:.0f} ms (gold: {len(row['codes'])})"
-    )
-    for c in answer["codes"][:12]:
-        hit = "gold" if c["code"] in row["codes"] else "    "
-        where = f"@{c['evidence_span'][0]}" if c["evidence_span"] else "not in note"
-        print(
-            f"  {hit} {c['code']:<8} {c['description'][:60]:<60} evidence: {c['evidence'][:40]!r} ({where})"
-        )
-    print(f"coder page: {url}/   API docs: {url}/docs")
-    if keep:
-        print("serving until Ctrl-C")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-    else:
-        print(
-            f"(the demo stops here; keep it up with --keep-serving, or: icdray serve --checkpoint {checkpoint})"
-        )
-    serve.shutdown()
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    return cmd_demo(args, serve=False)
 
 
-DEMO_COLUMNS = ("n", *EVAL_COLUMNS)
+def cmd_report(args: argparse.Namespace) -> int:
+    from icdray import report
+
+    cfg = _load(args, [f"storage={args.data}"] if args.data else [])
+    path = report.write(cfg.storage)
+    print(report.markdown(cfg.storage))
+    print(f"\nreport and plots in {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -482,16 +362,28 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(fn=cmd_evaluate)
 
-    p = sub.add_parser(
-        "demo",
-        help="the main job: demo data -> prepare -> distill -> baseline -> SFT -> GRPO -> evaluate -> serve",
-    )
-    p.add_argument("--storage", help="storage root (default: artifacts)")
-    p.add_argument("--force", action="store_true", help="regenerate demo data even if present")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port of the served model (default 8000)")
-    p.add_argument("--keep-serving", action="store_true", help="keep the coder page up after the demo")
+    for name, fn, text in (
+        (
+            "demo",
+            cmd_demo,
+            "the main job: data, prepare, distill, baseline, SFT, GRPO, evaluate, report, serve",
+        ),
+        ("pipeline", cmd_pipeline, "every stage up to the report; stages whose artifacts exist are skipped"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--storage", help="storage root (default: artifacts)")
+        p.add_argument(
+            "--force", action="store_true", help="run every stage again, even when its artifacts exist"
+        )
+        p.add_argument("--port", type=int, default=8000, help="HTTP port of the served model (default 8000)")
+        p.add_argument("--keep-serving", action="store_true", help="keep the coder page up after the demo")
+        _common(p)
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("report", help="reports/results.md and plots: every evaluated model, GRPO curves")
+    p.add_argument("--data", help="storage root holding reports/ and checkpoints/")
     _common(p)
-    p.set_defaults(fn=cmd_demo)
+    p.set_defaults(fn=cmd_report)
     return ap
 
 

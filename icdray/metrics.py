@@ -70,6 +70,11 @@ def _category_key(code: str) -> str:
     return code[:3]
 
 
+def _with_ancestors(codes_: CodeSet) -> CodeSet:
+    """A code set closed under the hierarchy: each code plus its category and chapter (hierarchical F1)."""
+    return frozenset(x for c in codes_ for x in (c, "cat:" + _category_key(c), "chap:" + _chapter_key(c)))
+
+
 def _codeset(items: Collection[str]) -> CodeSet:
     if isinstance(items, str | bytes):
         raise TypeError(f"expected a collection of codes, got the string {items!r}; wrap it in a list")
@@ -160,7 +165,7 @@ def score(
     """Score aligned predictions against gold code sets (one collection of codes per admission).
 
     Returns `n`, sample/micro precision-recall-F1, `macro_f1`, category- and chapter-level sample and
-    micro F1, `invalid_rate`, `empty_rate`, `mean_predicted`, `mean_gold`. With `train_counts`
+    micro F1, `hierarchical_f1` (micro-F1 of the sets extended with their category and chapter), `invalid_rate`, `empty_rate`, `mean_predicted`, `mean_gold`. With `train_counts`
     (code -> training frequency, e.g. from `code_frequencies`) also `{rare,frequent,unseen}_micro_f1`
     and `{...}_support` (gold codes in the bucket): rare = 1..rare_max occurrences, frequent =
     more, unseen = none. A bucket's F1 drops every code outside it from both sides; an empty bucket
@@ -203,6 +208,8 @@ def score(
         "category_micro_f1": _micro(cat)[2],
         "chapter_sample_f1": _sample(chap)[2],
         "chapter_micro_f1": _micro(chap)[2],
+        # hierarchical micro-F1 (Kiritchenko et al.): both sets extended with their ancestors
+        "hierarchical_f1": _micro([(_with_ancestors(p), _with_ancestors(g)) for p, g in pairs])[2],
         "invalid_rate": _div(n_invalid, n_pred),
         "empty_rate": _div(n_empty, n),
         "mean_predicted": _div(n_pred, n),

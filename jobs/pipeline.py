@@ -1,6 +1,6 @@
-"""Ray job: the whole pipeline on the embedded default (what `make demo` runs).
+"""Ray job: the whole pipeline up to the report (skips stages whose artifacts exist; --force reruns them).
 
-`ray job submit --working-dir . -- python -m jobs.pipeline [--storage DIR] [--set key=value]`
+`ray job submit --working-dir . -- python -m jobs.pipeline [--storage DIR] [--config FILE] [--set key=value]`
 """
 
 import sys
@@ -8,4 +8,4 @@ import sys
 from icdray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["demo", *sys.argv[1:]]))
+    sys.exit(main(["pipeline", *sys.argv[1:]]))

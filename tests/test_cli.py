@@ -99,4 +99,11 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
     assert (tmp_path / "reports/sft-tiny.json").exists()
     assert "[grpo] step 2/2" in proc.stdout and (tmp_path / "checkpoints/grpo/model.safetensors").exists()
     assert "| sft+grpo-tiny |" in proc.stdout and (tmp_path / "reports/sft+grpo-tiny.json").exists()
+    results = (tmp_path / "reports/results.md").read_text()
+    assert (
+        results.index("| tfidf-logreg |")
+        < results.index("| base-tiny |")
+        < results.index("| sft+grpo-tiny |")
+    )
+    assert (tmp_path / "reports/sample_f1.png").exists() and (tmp_path / "reports/grpo_curves.png").exists()
     assert "POST http://127.0.0.1:" in proc.stdout and "coder page: http://127.0.0.1:" in proc.stdout

@@ -254,3 +254,10 @@ def test_score_keys_and_types() -> None:
     ):
         assert k in s and not math.isnan(s[k]), k
     assert s["n"] == 1 and s["unseen_micro_f1"] == 1.0
+
+
+def test_hierarchical_f1_by_hand() -> None:
+    # extended sets: {I10, cat I10, chap IX, E11.9, cat E11, chap IV} vs the same with E11.65: 5 of 6 shared
+    s = metrics.score([["I10", "E11.9"]], [["I10", "E11.65"]])
+    assert s["hierarchical_f1"] == pytest.approx(5 / 6) and s["micro_f1"] == pytest.approx(0.5)
+    assert metrics.score([["J18.9"]], [["I10"]])["hierarchical_f1"] == 0.0
