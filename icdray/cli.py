@@ -79,12 +79,15 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
     cfg = _load(args, [f"storage={args.data}"] if args.data else [])
     out = args.out or storage.join(cfg.storage, "reports")
-    result = baseline.run(cfg.baseline, cfg.storage, out)
-    print(metrics.format_table({result["model"]: result["metrics"]}, BASELINE_COLUMNS))
-    print(
-        f"threshold {result['threshold']} (tuned on val), {result['n_codes_modelled']} codes modelled; "
-        f"metrics written to {storage.join(out, result['model'] + '.json')}"
-    )
+    rows = {}
+    for kind in ("tfidf", "encoder") if cfg.baseline.encoder else ("tfidf",):
+        result = baseline.run(cfg.baseline, cfg.storage, out, kind)
+        rows[result["model"]] = result["metrics"]
+        print(
+            f"{result['model']}: threshold {result['threshold']} (tuned on val), {result['n_codes_modelled']} "
+            f"codes modelled, {result['seconds']}s; metrics in {storage.join(out, result['model'] + '.json')}"
+        )
+    print(metrics.format_table(rows, BASELINE_COLUMNS))
     return 0
 
 

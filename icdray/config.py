@@ -64,6 +64,8 @@ class BaselineConfig:
     C: float = 8.0  # weak regularisation: each label has few positives
     rare_max: int = 10  # codes with <= this many training admissions are "rare" in the report
     n_jobs: int = 2  # parallel per-code fits (joblib processes)
+    encoder: bool = True  # also the MiniLM sentence-encoder baseline (the prototype's BERT-style row)
+    encoder_max_windows: int = 4  # 256-token windows embedded per note (the head of the note: HPI, course)
 
 
 @dataclass(frozen=True)

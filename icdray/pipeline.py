@@ -58,11 +58,15 @@ def run(cfg: Config, force: bool = False, serve_port: int = 0, keep_serving: boo
         print(f"[3/{n}] distill: {cfg.teacher.backend} teacher on the train split (Ray Data)")
         print(distill.run(cfg).format())
     out = storage.join(root, "reports")
-    if _done(storage.join(out, "tfidf-logreg.json"), force):
-        print(f"[4/{n}] baseline: reports/tfidf-logreg.json exists, skipped")
-    else:
-        print(f"[4/{n}] baseline: TF-IDF + one-vs-rest logistic regression")
-        baseline.run(cfg.baseline, root, out)
+    kinds = ("tfidf", "encoder") if cfg.baseline.encoder else ("tfidf",)
+    for kind in kinds:
+        name = baseline.MODEL_NAME if kind == "tfidf" else baseline.ENCODER_NAME
+        if _done(storage.join(out, f"{name}.json"), force):
+            print(f"[4/{n}] baseline: reports/{name}.json exists, skipped")
+        else:
+            what = "TF-IDF" if kind == "tfidf" else "all-MiniLM-L6-v2 sentence encoder"
+            print(f"[4/{n}] baseline: {what} + one-vs-rest logistic regression")
+            baseline.run(cfg.baseline, root, out, kind)
 
     demo_cfg = dataclasses.replace(
         cfg,
@@ -110,7 +114,10 @@ def run(cfg: Config, force: bool = False, serve_port: int = 0, keep_serving: boo
         print(controller.run(grpo_cfg).format())
 
     print(f"[7/{n}] evaluate base, SFT, SFT+GRPO on {d.eval_notes} test notes (Ray Data batch generation)")
-    rows = {"tfidf-logreg": storage.read_json(storage.join(out, "tfidf-logreg.json"))["metrics"]}
+    rows = {}
+    for kind in kinds:
+        name = baseline.MODEL_NAME if kind == "tfidf" else baseline.ENCODER_NAME
+        rows[name] = storage.read_json(storage.join(out, f"{name}.json"))["metrics"]
     for model, name in (
         (cfg.sft.model, f"base-{cfg.sft.model}"),
         (sft_out, f"sft-{cfg.sft.model}"),

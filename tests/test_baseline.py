@@ -1,4 +1,5 @@
-"""The TF-IDF baseline trains on train, tunes on val, and is scored on test by the one scorer."""
+"""The TF-IDF and sentence-encoder baselines train on train, tune on val, and are scored on test by the one
+scorer."""
 
 import json
 
@@ -15,9 +16,11 @@ def prepared(ray_session, demo_root, tmp_path_factory):
     return root
 
 
-def test_baseline_beats_frequency_prior_and_writes_metrics(prepared, tmp_path):
-    result = baseline.run(BaselineConfig(), prepared, str(tmp_path))
-    saved = json.loads((tmp_path / "tfidf-logreg.json").read_text())
+@pytest.mark.parametrize("features", ["tfidf", "encoder"])
+def test_baseline_beats_frequency_prior_and_writes_metrics(prepared, tmp_path, features):
+    result = baseline.run(BaselineConfig(encoder_max_windows=2), prepared, str(tmp_path), features)
+    name = "tfidf-logreg" if features == "tfidf" else "encoder-minilm-logreg"
+    saved = json.loads((tmp_path / f"{name}.json").read_text())
     assert saved["metrics"] == pytest.approx(result["metrics"])
     m = result["metrics"]
     assert {"sample_f1", "micro_f1", "macro_f1", "invalid_rate", "p_at_8", "rare_micro_f1"} <= set(m)
@@ -35,3 +38,13 @@ def test_baseline_beats_frequency_prior_and_writes_metrics(prepared, tmp_path):
 def test_baseline_needs_prepared_data(tmp_path):
     with pytest.raises(FileNotFoundError, match="icdray prepare"):
         baseline.run(BaselineConfig(), str(tmp_path), str(tmp_path / "reports"))
+
+
+def test_encoder_embeds_with_the_real_minilm():
+    texts = ["The cat sat on the mat.", "A feline rested on a rug.", "acute kidney injury", "acute renal failure"]
+    vecs = baseline.embed(texts, max_windows=1)
+    assert vecs.shape == (4, 384)
+    sims = vecs @ vecs.T
+    # sentence-transformers' own pipeline gives 0.55 for the first pair: same weights, same pooling
+    assert sims[0, 1] == pytest.approx(0.55, abs=0.01)
+    assert sims[2, 3] > 0.8 > 0.1 > sims[0, 2]  # a pretrained encoder: synonyms close, unrelated far
