@@ -195,7 +195,14 @@ def cmd_submit(args: argparse.Namespace, rest: list[str]) -> int:
     address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or "http://127.0.0.1:8265"
     client = JobSubmissionClient(address)
     entrypoint = f"python -m jobs.{args.stage} {shlex.join(rest)}".strip()
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env)
+    for attempt in range(30):  # a cluster that just started may not have its job agent up yet
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or attempt == 29:
+                raise
+            time.sleep(2)
     print(f"submitted {job_id} to {address}: {entrypoint}", flush=True)
 
     async def tail() -> None:

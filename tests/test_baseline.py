@@ -41,7 +41,12 @@ def test_baseline_needs_prepared_data(tmp_path):
 
 
 def test_encoder_embeds_with_the_real_minilm():
-    texts = ["The cat sat on the mat.", "A feline rested on a rug.", "acute kidney injury", "acute renal failure"]
+    texts = [
+        "The cat sat on the mat.",
+        "A feline rested on a rug.",
+        "acute kidney injury",
+        "acute renal failure",
+    ]
     vecs = baseline.embed(texts, max_windows=1)
     assert vecs.shape == (4, 384)
     sims = vecs @ vecs.T

@@ -130,7 +130,9 @@ def local_cluster(tmp_path_factory):
         env=env,
         timeout=300,
     )
-    assert out.returncode == 0, out.stderr
+    if out.returncode != 0:
+        subprocess.run([script, "stop", "--dir", str(d)], env=env, timeout=120)
+        pytest.fail(f"local cluster did not start: {out.stderr[-2000:]}")
     try:
         yield {"gcs": f"127.0.0.1:{port}", "api": f"http://127.0.0.1:{port + 1}", "dir": d}
     finally:
