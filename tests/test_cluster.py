@@ -173,6 +173,24 @@ def test_jobs_on_a_multi_node_cluster(local_cluster, tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "SUCCEEDED" in out.stdout and (store / "prompts" / "train").is_dir()
+    # a tiny SFT job with two Ray Train workers of 1 CPU each: no node has 2 CPUs, so they run on two nodes
+    out = _submit(local_cluster, "distill", "--data", str(store), "--set", "teacher.limit=8")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    out = _submit(
+        local_cluster,
+        "sft",
+        "--data",
+        str(store),
+        *("--set", "sft.model=tiny", "--set", "sft.num_workers=2", "--set", "sft.cpus_per_worker=1"),
+        *("--set", "sft.max_steps=2", "--set", "sft.limit=8", "--set", "sft.grad_accum=1"),
+        *("--set", "sft.val_fraction=0", "--set", "sft.max_seq_len=2048"),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "sft: 2 steps" in out.stdout and (store / "checkpoints" / "sft" / "config.json").exists()
+    digests = {p.read_text() for p in (store / "checkpoints" / "_ray").glob("*/_icdray/rank-*.sha256")}
+    assert (
+        len(list((store / "checkpoints" / "_ray").glob("*/_icdray/rank-*.sha256"))) == 2 and len(digests) == 1
+    )
     # a GRPO job with two rollout workers, spread over different nodes
     out = _submit(
         local_cluster,
