@@ -22,6 +22,10 @@ import yaml
 T = TypeVar("T")
 
 
+# every linear layer of a Llama/Qwen block (names that do not exist in a model are skipped)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     admissions: int = 2000  # enough for a meaningful baseline; 100_000 is the prepare benchmark's input
@@ -112,15 +116,7 @@ class SFTConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     offload: bool = False  # ZeRO optimizer (and, at stage 3, parameter) offload to CPU memory
     epochs: int = 1
@@ -183,15 +179,7 @@ class GRPOConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0  # 0: the learner's log-probs must match the sampler's on the same weights
-    lora_targets: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     zero_stage: int = 2
     offload: bool = False
     gradient_checkpointing: bool = True

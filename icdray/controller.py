@@ -29,7 +29,7 @@ import shutil
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +115,10 @@ class GRPOResult:
 
 
 class Controller:
-    def __init__(self, cfg: Config, model_path: str, out: str) -> None:
+    def __init__(self, cfg: Config, model_path: str) -> None:
         import ray
 
-        self.cfg, self.g, self.model_path, self.out = cfg, cfg.grpo, model_path, out
+        self.cfg, self.g, self.model_path = cfg, cfg.grpo, model_path
         g = self.g
         self.learner_cls = ray.remote(Learner)
         self.rollout_cls = ray.remote(RolloutWorker)
@@ -345,7 +345,7 @@ def run(cfg: Config, output: str | None = None) -> GRPOResult:
         flush=True,
     )
     t0 = time.time()
-    ctl = Controller(cfg, model_path, str(out))
+    ctl = Controller(cfg, model_path)
     nodes = {st["node_id"] for st in ctl.stats()}
     print(f"[grpo] actors ready in {time.time() - t0:.1f}s; rollout nodes: {len(nodes)}", flush=True)
 
@@ -445,17 +445,11 @@ def run(cfg: Config, output: str | None = None) -> GRPOResult:
     if history or not (out / "config.json").exists():
         ray.get([lr.save_model.remote(str(out), model_path) for lr in ctl.learners])
         (out / "icdray_grpo.json").write_text(
-            json.dumps({"grpo": _plain(g), "base_model": model_path, "steps": g.steps}, indent=2)
+            json.dumps({"grpo": asdict(g), "base_model": model_path, "steps": g.steps}, indent=2)
         )
     for a in [*ctl.learners, *ctl.rollout, *ctl.rewards]:
         ray.kill(a)
     return GRPOResult(str(out), g.steps, resumed, history, time.time() - start_time)
-
-
-def _plain(g: GRPOConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(g)
 
 
 def _line(m: dict[str, Any], g: GRPOConfig) -> str:

@@ -58,9 +58,10 @@ def run(cfg: Config, force: bool = False, serve_port: int = 0, keep_serving: boo
         print(f"[3/{n}] distill: {cfg.teacher.backend} teacher on the train split (Ray Data)")
         print(distill.run(cfg).format())
     out = storage.join(root, "reports")
-    kinds = ("tfidf", "encoder") if cfg.baseline.encoder else ("tfidf",)
-    for kind in kinds:
-        name = baseline.MODEL_NAME if kind == "tfidf" else baseline.ENCODER_NAME
+    baselines = {"tfidf": baseline.MODEL_NAME}
+    if cfg.baseline.encoder:
+        baselines["encoder"] = baseline.ENCODER_NAME
+    for kind, name in baselines.items():
         if _done(storage.join(out, f"{name}.json"), force):
             print(f"[4/{n}] baseline: reports/{name}.json exists, skipped")
         else:
@@ -114,10 +115,9 @@ def run(cfg: Config, force: bool = False, serve_port: int = 0, keep_serving: boo
         print(controller.run(grpo_cfg).format())
 
     print(f"[7/{n}] evaluate base, SFT, SFT+GRPO on {d.eval_notes} test notes (Ray Data batch generation)")
-    rows = {}
-    for kind in kinds:
-        name = baseline.MODEL_NAME if kind == "tfidf" else baseline.ENCODER_NAME
-        rows[name] = storage.read_json(storage.join(out, f"{name}.json"))["metrics"]
+    rows = {
+        name: storage.read_json(storage.join(out, f"{name}.json"))["metrics"] for name in baselines.values()
+    }
     for model, name in (
         (cfg.sft.model, f"base-{cfg.sft.model}"),
         (sft_out, f"sft-{cfg.sft.model}"),

@@ -88,7 +88,7 @@ def _sync_check(ray, cfg, model: str, prompt_ids: list[list[int]]) -> None:
     log-probs for every sampled token, same greedy answer. Stale or half-synced weights (a tied lm_head
     left behind) fail the log-prob check first."""
     path = models.resolve(model)
-    ctl = controller.Controller(cfg, path, "")
+    ctl = controller.Controller(cfg, path)
     try:
         spec = SamplingSpec(n=4, temperature=1.0, max_tokens=12, seed=1)
         groups = ctl.generate(prompt_ids, spec)
