@@ -19,10 +19,11 @@ import os
 import tempfile
 import time
 
+from icdray.rollout import RolloutWorker, SamplingSpec
+
 from icdray import controller, metrics, models, prepare, reward
 from icdray.config import PrepareConfig, RayConfig, load_config
 from icdray.demo_data import write_demo
-from icdray.rollout import RolloutWorker, SamplingSpec
 from icdray.runtime import ensure_ray
 
 

@@ -15,7 +15,7 @@ import platform
 import tempfile
 import time
 
-from icdray import prepare
+from icdray import layout, prepare
 from icdray.config import PrepareConfig, RayConfig
 from icdray.demo_data import write_demo
 from icdray.runtime import ensure_ray
@@ -46,10 +46,10 @@ def main() -> None:
     print(cold.format())
     warm = prepare.run(cfg, os.path.join(work, "out-ray-warm"), data)  # same session: worker processes exist
     same = all(
-        prepare.read_split(os.path.join(work, "out-pandas"), s).equals(
-            prepare.read_split(os.path.join(work, "out-ray"), s)
+        layout.read_split(os.path.join(work, "out-pandas"), s).equals(
+            layout.read_split(os.path.join(work, "out-ray"), s)
         )
-        for s in prepare.SPLITS
+        for s in layout.SPLITS
     )
 
     n = pandas_report.notes_in

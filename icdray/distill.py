@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from icdray import metrics, prepare, prompts, storage, teacher
+from icdray import grammar, layout, metrics, prompts, storage, teacher
 from icdray.config import Config, TeacherConfig
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,11 @@ def uses_gold(cfg: TeacherConfig) -> bool:
     return cfg.show_gold or cfg.backend == "reference"
 
 
-def cache_key(nhash: str, cfg: TeacherConfig, sample_index: int) -> str:
+def cache_key(nhash: str, cfg: TeacherConfig, sample_index: int, bounds: grammar.Bounds) -> str:
     model = teacher.ReferenceTeacher.model if cfg.backend == "reference" else cfg.model
     variant = "gold" if uses_gold(cfg) else "plain"
+    if cfg.backend == "reference":  # its answers are written within the bounds
+        variant += f"-b{bounds.max_reasoning_chars}.{bounds.max_evidence_chars}.{bounds.max_codes}"
     return "-".join(
         [nhash, prompts.PROMPT_VERSION, cfg.backend, model.replace("/", "_"), variant, str(sample_index)]
     )
@@ -87,16 +89,30 @@ class ResultCache:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path))
         return {i.base_name[:-5] for i in infos if i.base_name.endswith(".json")}
 
-    def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
-        def read(k: str) -> tuple[str, dict[str, Any] | None]:
+    def get_many(self, keys: list[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """Records by key, and the keys whose file exists but cannot be read (corrupt, truncated, no access):
+        those are logged and counted, and their calls made again, never silently treated as missing."""
+
+        def read(k: str) -> tuple[str, dict[str, Any] | None, bool]:
             try:
                 with self.fs.open_input_stream(f"{self.path}/{k}.json", compression=None) as f:
-                    return k, json.loads(f.read())
-            except (FileNotFoundError, OSError, json.JSONDecodeError):
-                return k, None
+                    data = json.loads(f.read())
+                return (
+                    k,
+                    data if isinstance(data, dict) and "status" in data else None,
+                    not isinstance(data, dict),
+                )
+            except FileNotFoundError:
+                return k, None, False
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                log.warning(
+                    "teacher cache file %s.json cannot be read (%s): the call will be made again", k, e
+                )
+                return k, None, True
 
         with ThreadPoolExecutor(16) as pool:
-            return {k: v for k, v in pool.map(read, keys) if v is not None}
+            got = list(pool.map(read, keys))
+        return {k: v for k, v, _ in got if v is not None}, [k for k, _, bad in got if bad]
 
 
 def _limiter_class() -> Any:
@@ -121,9 +137,11 @@ def _limiter_class() -> Any:
 class TeacherWorker:
     """Ray Data actor: calls the teacher for a batch of (note, sample) rows with `threads` in flight."""
 
-    def __init__(self, cfg: TeacherConfig, out_root: str, limiter: Any, threads: int) -> None:
+    def __init__(
+        self, cfg: TeacherConfig, out_root: str, limiter: Any, threads: int, bounds: grammar.Bounds
+    ) -> None:
         self.cfg, self.cache = cfg, ResultCache(out_root)
-        self.teacher = teacher.make_teacher(cfg)
+        self.teacher = teacher.make_teacher(cfg, bounds)
         self.limiter, self.threads = limiter, threads
         self.rng = random.Random()
         self.lock = threading.Lock()
@@ -193,6 +211,7 @@ class Summary:
     notes: int = 0
     samples: int = 0
     cached_before: int = 0
+    unreadable_cache: int = 0  # cache files that could not be read (logged; their calls were made again)
     calls: int = 0  # HTTP attempts made by this run
     retries: int = 0
     throttled_429: int = 0
@@ -210,7 +229,13 @@ class Summary:
 
     def format(self) -> str:
         return (
-            f"{self.mode}: {self.notes} notes, {self.samples} samples ({self.cached_before} from cache); "
+            f"{self.mode}: {self.notes} notes, {self.samples} samples ({self.cached_before} from cache"
+            + (
+                f", {self.unreadable_cache} unreadable cache files called again"
+                if self.unreadable_cache
+                else ""
+            )
+            + "); "
             f"{self.calls} calls, {self.retries} retries, {self.throttled_429} answered 429, "
             f"{self.failed} failed, {self.blocked} blocked; kept {self.kept}, rejected {self.rejected}; "
             f"tokens {self.tokens_in:,} in / {self.tokens_out:,} out, est. ${self.cost_usd:.2f}; "
@@ -221,11 +246,11 @@ class Summary:
 
 def _read_notes(storage_root: str, split: str, limit: int) -> pa.Table:
     cols = ["hadm_id", "subject_id", "note", "medications", "codes"]
-    table = prepare.read_split(storage_root, split, cols)  # sorted by hadm_id: `limit` is deterministic
+    table = layout.read_split(storage_root, split, cols)  # sorted by hadm_id: `limit` is deterministic
     return table.slice(0, limit) if limit else table
 
 
-def _work_items(notes: pa.Table, cfg: TeacherConfig, with_gold: bool) -> pa.Table:
+def _work_items(notes: pa.Table, cfg: TeacherConfig, with_gold: bool, bounds: grammar.Bounds) -> pa.Table:
     hashes = [
         note_hash(n, m)
         for n, m in zip(notes["note"].to_pylist(), notes["medications"].to_pylist(), strict=True)
@@ -234,13 +259,13 @@ def _work_items(notes: pa.Table, cfg: TeacherConfig, with_gold: bool) -> pa.Tabl
     for k in range(cfg.samples_per_note):
         parts.append(
             notes.append_column("sample_index", pa.array([k] * notes.num_rows, pa.int32()))
-            .append_column("key", pa.array([cache_key(h, cfg, k) for h in hashes]))
+            .append_column("key", pa.array([cache_key(h, cfg, k, bounds) for h in hashes]))
             .append_column("with_gold", pa.array([with_gold] * notes.num_rows))
         )
     return pa.concat_tables(parts)
 
 
-def _run_calls(items: pa.Table, cfg: TeacherConfig, out_root: str) -> None:
+def _run_calls(items: pa.Table, cfg: TeacherConfig, out_root: str, bounds: grammar.Bounds) -> None:
     """The Ray Data part: the pending (note, sample) rows through an actor pool of teacher workers."""
     import ray
 
@@ -256,7 +281,13 @@ def _run_calls(items: pa.Table, cfg: TeacherConfig, out_root: str) -> None:
         batch_size=None,
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         num_cpus=1.0 if cfg.backend == "reference" else 0.25,  # remote calls wait on the network, not the CPU
-        fn_constructor_kwargs={"cfg": cfg, "out_root": out_root, "limiter": limiter, "threads": threads},
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "out_root": out_root,
+            "limiter": limiter,
+            "threads": threads,
+            "bounds": bounds,
+        },
         runtime_env={"env_vars": _credentials(cfg)},
     )
     done = ds.materialize()
@@ -294,14 +325,28 @@ def _summarise(records: dict[str, dict[str, Any]], run_keys: set[str], cached: s
     return s
 
 
+def bounded_answer(answer: prompts.Answer, bounds: grammar.Bounds) -> str:
+    """The teacher's parsed answer re-written within the grammar's bounds: what SFT trains on, so the
+    student learns answers the constrained decoder of evaluation and serving can produce."""
+    items = [
+        prompts.CodeItem(i.code, grammar.clean_evidence(i.evidence, bounds.max_evidence_chars))
+        for i in answer.items[: bounds.max_codes]
+    ]
+    return prompts.render_answer(grammar.clean_reasoning(answer.reasoning, bounds.max_reasoning_chars), items)
+
+
 def _choose(
-    notes: pa.Table, records: dict[str, dict[str, Any]], cfg: TeacherConfig, threshold: float
+    notes: pa.Table,
+    records: dict[str, dict[str, Any]],
+    cfg: TeacherConfig,
+    threshold: float,
+    bounds: grammar.Bounds,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per note: the sample agreeing best with gold; kept when it reaches the threshold."""
     exemplars, outcomes = [], []
     for row in notes.to_pylist():
         h = note_hash(row["note"], row["medications"])
-        samples = [records.get(cache_key(h, cfg, k)) for k in range(cfg.samples_per_note)]
+        samples = [records.get(cache_key(h, cfg, k, bounds)) for k in range(cfg.samples_per_note)]
         answered = [(k, r) for k, r in enumerate(samples) if r and r["status"] == "ok"]
         best, best_f1, best_answer = None, -1.0, None
         for k, r in answered:
@@ -348,7 +393,8 @@ def _choose(
                     "medications": row["medications"] or [],
                     "gold_codes": row["codes"],
                     "prompt": prompts.render_user_prompt(row["note"], row["medications"] or []),
-                    "answer": r["text"],
+                    "answer": bounded_answer(best_answer, bounds),
+                    "teacher_text": r["text"],
                     "answer_codes": best_answer.codes,
                     "answer_flags": sorted(best_answer.flags),
                     "agreement_f1": best_f1,
@@ -365,31 +411,33 @@ def _choose(
 
 
 def _collect(
-    notes: pa.Table, cfg: TeacherConfig, with_gold: bool, out_root: str
-) -> tuple[pa.Table, dict[str, dict[str, Any]], set[str], set[str], float]:
-    """Make every pending call (or none, if all are cached); return the records of all samples."""
+    notes: pa.Table, cfg: TeacherConfig, with_gold: bool, out_root: str, bounds: grammar.Bounds
+) -> tuple[pa.Table, dict[str, dict[str, Any]], set[str], set[str], int, float]:
+    """Make every pending call (or none, if all are cached); return the records of all samples.
+
+    Also returns how many cache files could not be read: their calls are made again and they are
+    counted in the summary.
+    """
     start = time.time()
-    items = _work_items(notes, cfg, with_gold)
+    items = _work_items(notes, cfg, with_gold, bounds)
+    keys = items["key"].to_pylist()
     cache = ResultCache(out_root)
-    cached = cache.keys()
+    known, unreadable = cache.get_many(sorted(cache.keys() & set(keys)))
+    cached = set(known)
     if cfg.retry_failed:  # calls that failed for good last time get another chance; answers are kept
-        failed = [
-            k
-            for k, r in cache.get_many(sorted(cached & set(items["key"].to_pylist()))).items()
-            if r["status"] == "failed"
-        ]
-        cached -= set(failed)
-    pending = items.filter(pa.array([k not in cached for k in items["key"].to_pylist()]))
+        cached -= {k for k, r in known.items() if r["status"] == "failed"}
+    pending = items.filter(pa.array([k not in cached for k in keys]))
     log.info(
-        "%d samples, %d cached, %d to call",
+        "%d samples, %d cached, %d unreadable cache files, %d to call",
         items.num_rows,
-        items.num_rows - pending.num_rows,
+        len(cached),
+        len(unreadable),
         pending.num_rows,
     )
     if pending.num_rows:
-        _run_calls(pending, cfg, out_root)
-    records = cache.get_many(items["key"].to_pylist())
-    return items, records, set(pending["key"].to_pylist()), cached, time.time() - start
+        _run_calls(pending, cfg, out_root, bounds)
+    records, _ = cache.get_many(keys)
+    return items, records, set(pending["key"].to_pylist()), cached, len(unreadable), time.time() - start
 
 
 def run(cfg: Config) -> Summary:
@@ -397,14 +445,14 @@ def run(cfg: Config) -> Summary:
     tcfg = cfg.teacher
     teacher.check_data_use(tcfg)  # before reading any note
     notes = _read_notes(cfg.storage, "train", tcfg.limit)
-    out_root = storage.join(cfg.storage, "exemplars")
-    _, records, run_keys, cached, seconds = _collect(
-        notes, tcfg, with_gold=uses_gold(tcfg), out_root=out_root
+    out_root = layout.Layout(cfg.storage).exemplars
+    _, records, run_keys, cached, unreadable, seconds = _collect(
+        notes, tcfg, with_gold=uses_gold(tcfg), out_root=out_root, bounds=cfg.answer
     )
-    exemplars, outcomes = _choose(notes, records, tcfg, tcfg.min_agreement_f1)
+    exemplars, outcomes = _choose(notes, records, tcfg, tcfg.min_agreement_f1, cfg.answer)
     _write(out_root, exemplars, outcomes)
     s = _summarise(records, run_keys, cached)
-    s.notes, s.seconds = notes.num_rows, seconds
+    s.notes, s.seconds, s.unreadable_cache = notes.num_rows, seconds, unreadable
     s.kept = sum(o["status"] == "kept" for o in outcomes)
     s.rejected = sum(o["status"] == "rejected" for o in outcomes)
     s.cost_usd = teacher.cost_usd(s.tokens_in, s.tokens_out, tcfg) if tcfg.backend != "reference" else 0.0
@@ -416,7 +464,7 @@ def run(cfg: Config) -> Summary:
         "min_agreement_f1": tcfg.min_agreement_f1,
         "samples_per_note": tcfg.samples_per_note,
     }
-    storage.write_json(storage.join(out_root, "_summary.json"), asdict(s))
+    storage.write_json(layout.Layout(cfg.storage).exemplars_summary, asdict(s))
     return s
 
 
@@ -440,17 +488,6 @@ def _write(out_root: str, exemplars: list[dict[str, Any]], outcomes: list[dict[s
     )
 
 
-def read_exemplars(storage_root: str) -> pa.Table:
-    """The kept exemplars (what SFT trains on)."""
-    import pyarrow.dataset as pads
-
-    out = storage.join(storage_root, "exemplars")
-    fs, path = storage.resolve(out)
-    if not storage.exists(storage.join(out, "part-0.parquet")):
-        raise FileNotFoundError(f"no exemplars under {out}: run `icdray distill --data {storage_root}` first")
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
-
-
 def predict(cfg: Config, split: str = "test", out_dir: str = "") -> dict[str, Any]:
     """The teacher as a predictor: no gold codes in the prompt, scored by `metrics` on `split`."""
     tcfg = cfg.teacher
@@ -459,8 +496,10 @@ def predict(cfg: Config, split: str = "test", out_dir: str = "") -> dict[str, An
     teacher.check_data_use(tcfg)
     notes = _read_notes(cfg.storage, split, tcfg.limit)
     plain = TeacherConfig(**{**asdict(tcfg), "show_gold": False, "samples_per_note": 1})
-    out_root = storage.join(cfg.storage, "exemplars")  # same cache: an identical request is never paid twice
-    items, records, run_keys, cached, seconds = _collect(notes, plain, with_gold=False, out_root=out_root)
+    out_root = layout.Layout(cfg.storage).exemplars  # same cache: an identical request is never paid twice
+    items, records, run_keys, cached, unreadable, seconds = _collect(
+        notes, plain, with_gold=False, out_root=out_root, bounds=cfg.answer
+    )
     preds, flags = [], Counter()
     for key in items["key"].to_pylist():
         r = records.get(key)
@@ -468,9 +507,9 @@ def predict(cfg: Config, split: str = "test", out_dir: str = "") -> dict[str, An
         preds.append(answer.codes)
         flags.update(answer.flags)
     gold = notes["codes"].to_pylist()
-    train_counts = prepare.train_code_counts(cfg.storage)
+    train_counts = layout.train_code_counts(cfg.storage)
     s = _summarise(records, run_keys, cached)
-    s.mode, s.notes, s.seconds = "predict", notes.num_rows, seconds
+    s.mode, s.notes, s.seconds, s.unreadable_cache = "predict", notes.num_rows, seconds, unreadable
     s.cost_usd = teacher.cost_usd(s.tokens_in, s.tokens_out, tcfg)
     name = f"teacher-{tcfg.model}"
     result = {
@@ -480,5 +519,7 @@ def predict(cfg: Config, split: str = "test", out_dir: str = "") -> dict[str, An
         "answer_flags": dict(flags),
         "summary": asdict(s),
     }
-    storage.write_json(storage.join(out_dir or storage.join(cfg.storage, "reports"), f"{name}.json"), result)
+    storage.write_json(
+        storage.join(out_dir, f"{name}.json") if out_dir else layout.Layout(cfg.storage).report(name), result
+    )
     return result

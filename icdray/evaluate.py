@@ -1,11 +1,17 @@
-"""Evaluate any model on a prepared split: batch generation on Ray Data, parsed and scored.
+"""Evaluate any model on a prepared split: batched greedy generation on Ray Data, parsed and scored.
 
-    prompts/<split> --Ray Data map_batches(Coder actor pool: HF model, left-padded greedy generate)-->
-        answers --prompts.parse_answer--> codes --metrics.score--> reports/<name>.json
+    prompts/<split> --Ray Data map_batches(Coder actor pool: one engine each, icdray.engine)-->
+        answers (constrained and/or free) --prompts.parse_answer--> codes --results.make_row-->
+        reports/<name>.json (constrained: the coding score) and reports/<name>-free.json (free: the format)
 
-The model is a registry name (smollm2-135m, tiny), an SFT/GRPO checkpoint folder, or a hub id.
-Greedy decoding, so a score is reproducible. Left out: sampling-based self-consistency, vLLM (the
-rollout stage brings it), constrained decoding (serving brings it).
+The engine and its settings are the rollouts' (`evaluate.engine`, an `EngineConfig`): vLLM by default,
+transformers for models vLLM cannot load. Two rows per model on the vLLM engine, from one pass:
+- constrained: decoding under the answer grammar of the run's label space, codes never repeated. The
+  answer always parses, every code is valid: the row measures coding.
+- free: no grammar. The row measures whether the model has learned the format.
+The free pass runs second on the same engine, so the notes' prompt KV blocks are reused from the
+prefix cache. Greedy decoding, so a score is reproducible.
+Left out: sampling-based self-consistency (serving's confidence uses it).
 """
 
 from __future__ import annotations
@@ -13,128 +19,156 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
 
-from icdray import metrics, models, prepare, prompts, storage
-from icdray.config import Config
+from icdray import chat, grammar, layout, models, prompts, results
+from icdray.config import Config, EngineConfig, InputConfig
+from icdray.engine import SamplingSpec, cpu_bind, make_engine
 
 log = logging.getLogger(__name__)
 
 
 class Coder:
-    """Ray Data actor holding one model; answers a batch of notes."""
+    """Ray Data actor holding one engine; answers a batch of notes in every requested mode."""
 
-    def __init__(self, model: str, max_new_tokens: int, batch_size: int, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
-        self.model, self.tok = models.load(model)
-        self.model.eval()
-        self.tok.padding_side = "left"  # generation continues from the right edge of every row
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-
-    def answer(self, notes: list[str], meds: list[list[str]]) -> tuple[list[str], list[int]]:
-        import torch
-
-        texts, lengths = [], []
-        for lo in range(0, len(notes), self.batch_size):
-            chats = [
-                self.tok.apply_chat_template(
-                    prompts.build_messages(n, m or []), add_generation_prompt=True, tokenize=False
-                )
-                for n, m in zip(
-                    notes[lo : lo + self.batch_size], meds[lo : lo + self.batch_size], strict=True
-                )
-            ]
-            enc = self.tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                out = self.model.generate(
-                    **enc,
-                    max_new_tokens=self.max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=self.tok.pad_token_id,
-                )
-            new = out[:, enc["input_ids"].shape[1] :]  # (B, T_new)
-            for row in new:
-                n = int((row != self.tok.pad_token_id).sum())
-                texts.append(self.tok.decode(row, skip_special_tokens=True))
-                lengths.append(n)
-        return texts, lengths
+    def __init__(
+        self,
+        model: str,
+        engine: EngineConfig,
+        constraint: grammar.AnswerConstraint | None,
+        modes: tuple[str, ...],
+        max_new_tokens: int,
+        inputs: InputConfig,
+    ) -> None:
+        self.engine = make_engine(model, engine, constraint)
+        self.tok = self.engine.tok
+        self.modes, self.inputs = modes, inputs
+        self.max_tokens = {"constrained": constraint.max_tokens if constraint else 0, "free": max_new_tokens}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        t = time.time()
-        texts, lengths = self.answer(batch["note"].to_pylist(), batch["medications"].to_pylist())
-        return pa.table(
-            {
-                "hadm_id": batch["hadm_id"],
-                "answer": texts,
-                "new_tokens": lengths,
-                "seconds": [time.time() - t] * batch.num_rows,
-            }
-        )
+        ids = [
+            chat.encode_prompt(self.tok, n, m, self.inputs.max_prompt_tokens, self.inputs.thinking)
+            for n, m in zip(batch["note"].to_pylist(), batch["medications"].to_pylist(), strict=True)
+        ]
+        out: dict[str, Any] = {"hadm_id": batch["hadm_id"], "prompt_tokens": [len(i) for i in ids]}
+        for mode in self.modes:
+            t = time.time()
+            spec = SamplingSpec(
+                n=1, temperature=0.0, max_tokens=self.max_tokens[mode], constrained=mode == "constrained"
+            )
+            groups = self.engine.generate(ids, spec)
+            out[f"answer_{mode}"] = [g[0].text for g in groups]
+            out[f"tokens_{mode}"] = [len(g[0].token_ids) for g in groups]
+            out[f"seconds_{mode}"] = [time.time() - t] * batch.num_rows
+        return pa.table(out)
 
 
 def default_name(model: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").split("/")[-1] if "/" in model else model)
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", model.rstrip("/").split("/")[-1] if "/" in model else model)
 
 
-def run(cfg: Config, model: str, out_dir: str = "", name: str = "") -> dict[str, Any]:
-    """Generate, parse and score. Needs Ray initialised. Writes `<out_dir>/<name>.json`."""
+def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str, Any]:
+    """Generate, parse and score `model` on `evaluate.split`. Needs Ray initialised.
+
+    Writes one report row per mode and returns {"rows": [...], "seconds", "generated_tokens", "tokens_per_s"}.
+    """
     import ray
 
     ecfg = cfg.evaluate
     start = time.time()
-    table = prepare.read_split(cfg.storage, ecfg.split, ["hadm_id", "note", "medications", "codes"])
+    table = layout.read_split(cfg.storage, ecfg.split, ["hadm_id", "note", "medications", "codes"])
     if ecfg.limit:
         table = table.slice(0, ecfg.limit)
     path = models.resolve(model)  # fail fast (and build a registry model once) before starting actors
-    rows = max(1, ecfg.batch_size)
-    ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, table.num_rows, rows)])
+    constrained = ecfg.engine.constrained and ecfg.engine.backend == "vllm"
+    constraint = grammar.constraint(layout.label_space(cfg.storage), cfg.answer) if constrained else None
+    modes = ("constrained", "free") if constrained else ("free",)
+    max_len = (
+        cfg.inputs.max_prompt_tokens
+        + max(ecfg.max_new_tokens, constraint.max_tokens if constraint else 0)
+        + 8
+    )
+    engine = replace(
+        ecfg.engine,
+        threads=ecfg.engine.threads or max(1, int(ecfg.cpus_per_worker)),
+        threads_bind=cpu_bind(ecfg.engine.threads_bind),
+        max_model_len=max(ecfg.engine.max_model_len, max_len),
+    )
+    rows_per_batch = max(1, ecfg.batch_size)
+    ds = ray.data.from_arrow(
+        [table.slice(i, rows_per_batch) for i in range(0, table.num_rows, rows_per_batch)]
+    )
     ds = ds.map_batches(
         Coder,
         batch_format="pyarrow",
         batch_size=None,
         compute=ray.data.ActorPoolStrategy(size=ecfg.workers),
         num_cpus=ecfg.cpus_per_worker,
+        num_gpus=ecfg.gpus_per_worker,
         fn_constructor_kwargs={
             "model": path,
+            "engine": engine,
+            "constraint": constraint,
+            "modes": modes,
             "max_new_tokens": ecfg.max_new_tokens,
-            "batch_size": ecfg.batch_size,
-            "threads": int(ecfg.cpus_per_worker),
+            "inputs": cfg.inputs,
         },
     )
     out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("hadm_id")
-    answers = dict(zip(out["hadm_id"].to_pylist(), out["answer"].to_pylist(), strict=True))
-    parsed = [prompts.parse_answer(answers.get(h, "")) for h in table["hadm_id"].to_pylist()]
-    gold = table["codes"].to_pylist()
-    scores = metrics.score(
-        [a.codes for a in parsed], gold, train_counts=prepare.train_code_counts(cfg.storage)
-    )
-    scores["format_ok_rate"] = sum(a.ok for a in parsed) / max(1, len(parsed))
-    new_tokens = sum(out["new_tokens"].to_pylist())
-    seconds = time.time() - start
+    by_id = {h: i for i, h in enumerate(out["hadm_id"].to_pylist())}
+    hadm = table["hadm_id"].to_pylist()
+    order = [by_id[h] for h in hadm]
+    gold, note_texts = table["codes"].to_pylist(), table["note"].to_pylist()
+    counts = layout.train_code_counts(cfg.storage)
+    space = layout.label_space_name(cfg.storage)
     name = name or default_name(model)
-    result = {
-        "model": name,
-        "model_path": path,
-        "split": ecfg.split,
-        "metrics": scores,
-        "generated_tokens": new_tokens,
+    rows, generated = [], 0
+    for mode in modes:
+        texts = [out[f"answer_{mode}"][i].as_py() for i in order]
+        parsed = [prompts.parse_answer(t) for t in texts]
+        tokens = sum(out[f"tokens_{mode}"].to_pylist())
+        generated += tokens
+        row = results.make_row(
+            name if mode == "constrained" else f"{name}-free",
+            role,
+            space,
+            hadm,
+            [a.codes for a in parsed],
+            gold,
+            constrained=mode == "constrained",
+            answers=parsed,
+            notes=note_texts,
+            train_counts=counts,
+            extra={
+                "model_path": path,
+                "split": ecfg.split,
+                "engine": ecfg.engine.backend,
+                "generated_tokens": tokens,
+                "mean_answer_tokens": tokens / max(1, len(texts)),
+                "mean_prompt_tokens": sum(out["prompt_tokens"].to_pylist()) / max(1, len(texts)),
+                "seconds": round(max(out[f"seconds_{mode}"].to_pylist() or [0.0]), 1),
+                "config": {"limit": ecfg.limit, "split": ecfg.split, "max_new_tokens": ecfg.max_new_tokens},
+                "examples": [
+                    {
+                        "hadm_id": h,
+                        "gold": g,
+                        "predicted": a.codes,
+                        "flags": sorted(a.flags),
+                        "answer": t[:2000],
+                    }
+                    for h, g, a, t in zip(hadm[:3], gold[:3], parsed[:3], texts[:3], strict=False)
+                ],
+            },
+        )
+        results.save_row(cfg.storage, row)
+        rows.append(row)
+    seconds = time.time() - start
+    return {
+        "rows": rows,
         "seconds": round(seconds, 1),
-        "tokens_per_s": round(new_tokens / max(1e-6, seconds), 1),
-        "config": ecfg.__dict__,
-        "examples": [
-            {
-                "hadm_id": h,
-                "gold": g,
-                "predicted": a.codes,
-                "flags": sorted(a.flags),
-                "answer": answers.get(h, "")[:2000],
-            }
-            for h, g, a in zip(table["hadm_id"].to_pylist()[:3], gold[:3], parsed[:3], strict=True)
-        ],
+        "generated_tokens": generated,
+        "tokens_per_s": round(generated / max(1e-6, seconds), 1),
     }
-    storage.write_json(storage.join(out_dir or storage.join(cfg.storage, "reports"), f"{name}.json"), result)
-    return result

@@ -1,12 +1,18 @@
-"""Constrained decoding: an EBNF grammar of the answer format whose codes can only be billable codes.
+"""Constrained decoding: an EBNF grammar of the answer format whose codes come from the run's label space.
 
-    answer ::= <reasoning> free text </reasoning> <answer> {"codes": [{"code": C, "evidence": "..."}, ...]} </answer>
-    C      ::= a character trie over every billable ICD-10-CM code (74k codes, ~300 KB of grammar)
+    answer ::= <reasoning> text </reasoning> <answer> {"codes": [{"evidence": "...", "code": C}, ...]} </answer>
+    C      ::= a character trie over the label space (every billable ICD-10-CM code by default: 74k codes,
+               ~300 KB of grammar; or the run's top-k codes)
 
-The shape is the one `prompts.render_answer` writes and `prompts.parse_answer` reads. vLLM compiles it
-with xgrammar (~2-3 s once per engine, then ~0.04 ms of token masking per step). A trie, not a
-`choice` list or a JSON-schema enum: those take 46-78 s to compile for this many codes.
+The shape is the one `prompts.render_answer` writes and `prompts.parse_answer` reads: each item's
+evidence (a short phrase copied from the note) comes before its code, so the model picks the code
+from the phrase it just wrote. vLLM compiles the grammar with xgrammar (~2-3 s once per engine, then
+~0.04 ms of token masking per step). A trie, not a `choice` list or a JSON-schema enum: those take
+46-78 s to compile for this many codes.
 
+`Bounds` caps the reasoning, each evidence phrase and the number of codes. Under the grammar a model
+can write at most one token per character, so `Bounds.worst_case_tokens()` is a token budget inside
+which every constrained answer closes, whatever the model does: engines generate with that budget.
 A valid code is not a correct one: the constraint fixes validity, training fixes relevance.
 Between 1 and `max_codes` codes (every admission has a principal diagnosis).
 Left out: grammar-level checks that evidence occurs in the note.
@@ -14,9 +20,59 @@ Left out: grammar-level checks that evidence occurs in the note.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import bisect
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from icdray import codes
+
+_CODE_CHARS = re.compile(r"[A-Z0-9.]+")
+# the literal pieces of the answer, shared by the grammar and the worst-case count
+HEAD, MIDDLE, TAIL = "<reasoning>\n", "\n</reasoning>\n<answer>\n", "\n</answer>"
+OPEN, CLOSE, SEP = '{"codes": [', "]}", ", "
+ITEM_OPEN, ITEM_MID, ITEM_CLOSE = '{"evidence": "', '", "code": "', '"}'
+
+
+@dataclass(frozen=True)
+class Bounds:
+    max_reasoning_chars: int = 300
+    max_evidence_chars: int = 60
+    max_codes: int = 25
+
+    def worst_case_tokens(self, longest_code: int = 8) -> int:
+        """Tokens of the longest answer the grammar allows (one token per character) plus the stop token."""
+        literal = len(HEAD) + len(MIDDLE) + len(TAIL) + len(OPEN) + len(CLOSE)
+        item = len(ITEM_OPEN) + self.max_evidence_chars + len(ITEM_MID) + longest_code + len(ITEM_CLOSE)
+        return (
+            literal + self.max_reasoning_chars + self.max_codes * item + (self.max_codes - 1) * len(SEP) + 1
+        )
+
+
+_NOT_EVIDENCE = re.compile(r"[^ !#-;=-\[\]-~]")  # the complement of the grammar's evidence characters
+_NOT_REASONING = re.compile(r"[^ -;=-~\n]")
+
+
+def clean_evidence(text: str, max_chars: int) -> str:
+    """A quote the grammar accepts and the note still contains (whitespace aside): whitespace collapsed, then
+    the longest run of printable ASCII without quote, backslash or `<` ("Ménière's disease" gives
+    "re's disease"), cut at a word boundary to `max_chars`."""
+    runs = [r.strip() for r in _NOT_EVIDENCE.split(" ".join((text or "").split()))]
+    best = max(runs, key=len, default="")
+    if len(best) <= max_chars:
+        return best
+    head = best[: max_chars + 1]
+    return (head.rsplit(" ", 1)[0] if " " in head[:max_chars] else best[:max_chars]).rstrip()
+
+
+def clean_reasoning(text: str, max_chars: int) -> str:
+    """Reasoning the grammar accepts: printable ASCII and newlines, no `<`, cut at the last sentence end."""
+    text = _NOT_REASONING.sub(" ", (text or "").strip())
+    if len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    end = max(head.rfind(". "), head.rfind(".\n"))
+    return (head[: end + 1] if end > 0 else head).rstrip()
 
 
 def _trie_rules(words: list[str]) -> str:
@@ -42,26 +98,101 @@ def _trie_rules(words: list[str]) -> str:
     return " | ".join(alts) if len(alts) > 1 else alts[0]
 
 
-def answer_grammar(
-    code_set: Iterable[str] | None = None,
-    max_reasoning_chars: int = 1500,
-    max_evidence_chars: int = 200,
-    max_codes: int = 40,
-) -> str:
+@dataclass(frozen=True)
+class AnswerConstraint:
+    """What constrained decoding enforces: the answer grammar, and the code space of the no-repeat guard."""
+
+    grammar: str
+    code_key: str  # "billable" or the comma-joined codes of a restricted label space (vllm_ext.guard_for)
+    max_tokens: int  # a budget inside which every answer of this grammar closes (Bounds.worst_case_tokens)
+
+
+def constraint(code_space: Sequence[str] | None = None, bounds: Bounds | None = None) -> AnswerConstraint:
+    """The grammar over `code_space` (None: every billable code) with its no-repeat key and token budget."""
+    bounds = bounds or Bounds()
+    words = sorted(
+        {codes.normalize(c) for c in (code_space if code_space is not None else codes.billable_codes())}
+    )
+    key = "billable" if code_space is None else ",".join(words)
+    longest = max(len(w) for w in words) if words else 8
+    return AnswerConstraint(answer_grammar(words, bounds), key, bounds.worst_case_tokens(longest))
+
+
+def _lit(text: str) -> str:
+    """An EBNF string literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def answer_grammar(code_set: Iterable[str] | None = None, bounds: Bounds | None = None) -> str:
     """The EBNF (xgrammar dialect) of an answer whose codes all come from `code_set` (default: billable)."""
+    b = bounds or Bounds()
     words = sorted(
         {codes.normalize(c) for c in (code_set if code_set is not None else codes.billable_codes())}
     )
     if not words:
         raise ValueError("answer_grammar needs at least one code")
+    if b.max_codes < 1:
+        raise ValueError("Bounds.max_codes must be at least 1")
     return "\n".join(
         [
-            'root ::= "<reasoning>\\n" reasoning "\\n</reasoning>\\n<answer>\\n" payload "\\n</answer>"',
-            f"reasoning ::= [^<]{{0,{max_reasoning_chars}}}",
-            # an admission has at least one diagnosis; MIMIC-IV admissions have up to 39
-            f'payload ::= "{{\\"codes\\": [" item (", " item){{0,{max_codes - 1}}} "]}}"',
-            'item ::= "{\\"code\\": \\"" code "\\", \\"evidence\\": \\"" evidence "\\"}"',
-            f'evidence ::= [^"\\\\<\\n]{{0,{max_evidence_chars}}}',
+            f"root ::= {_lit(HEAD)} reasoning {_lit(MIDDLE)} payload {_lit(TAIL)}",
+            # printable ASCII only: at most one token per character, which `worst_case_tokens` relies on
+            f"reasoning ::= [ -;=-~\\n]{{0,{b.max_reasoning_chars}}}",
+            f"payload ::= {_lit(OPEN)} item ({_lit(SEP)} item){{0,{b.max_codes - 1}}} {_lit(CLOSE)}",
+            f"item ::= {_lit(ITEM_OPEN)} evidence {_lit(ITEM_MID)} code {_lit(ITEM_CLOSE)}",
+            f"evidence ::= [ -!#-;=-\\[\\]-~]{{0,{b.max_evidence_chars}}}",  # no quote, backslash or <
             f"code ::= {_trie_rules(words)}",
         ]
     )
+
+
+_CODE_FIELD = '"code": "'
+_WRITTEN = re.compile(r'"code": "([^"]*)"')
+
+
+class RepeatGuard:
+    """Which tokens would write a code the answer already holds: greedy decoding under the grammar otherwise
+    loops on one code (`I20.0` for every evidence phrase, in a probe with the base model).
+
+    Pure and deterministic in the answer text so far, so the sampler (a vLLM logits processor) and the
+    GRPO learner (which rebuilds the sampler's token mask) ban exactly the same tokens. Inside a
+    `"code": "` field holding the partial code `s`, a token is banned when it closes a code already
+    written, or when every code of the label space that starts with `s + token` is already written.
+    Codes are ASCII, so the text is the concatenation of each token's own decoding (`pieces`).
+    """
+
+    def __init__(self, code_space: Iterable[str], pieces: Sequence[str]) -> None:
+        self.codes = sorted({codes.normalize(c) for c in code_space})
+        # token ids by the code characters they start with, and whether they then close the string
+        self.by_head: dict[str, list[tuple[int, bool]]] = {}
+        for i, piece in enumerate(pieces):
+            head, quote, _ = piece.partition('"')
+            if head and not _CODE_CHARS.fullmatch(head):
+                continue
+            if head or quote:
+                self.by_head.setdefault(head, []).append((i, bool(quote)))
+
+    def _count(self, prefix: str, pool: Sequence[str]) -> int:
+        return bisect.bisect_left(pool, prefix + "\x7f") - bisect.bisect_left(pool, prefix)
+
+    def banned(self, text: str) -> list[int]:
+        """Token ids that must not come next after `text` (the answer so far); [] outside a code field."""
+        at = text.rfind(_CODE_FIELD)
+        if at < 0:
+            return []
+        partial = text[at + len(_CODE_FIELD) :]
+        if '"' in partial:
+            return []
+        written = sorted({m.group(1) for m in _WRITTEN.finditer(text)})
+        out = []
+        for code in written:
+            if not code.startswith(partial):
+                continue
+            rest = code[len(partial) :]
+            for k in range(len(rest) + 1):
+                q = partial + rest[:k]
+                left = self._count(q, self.codes) - self._count(q, written)
+                for token, closes in self.by_head.get(rest[:k], ()):
+                    if (closes and k == len(rest)) or (not closes and k and left <= 0):
+                        out.append(token)
+        return out

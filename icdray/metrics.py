@@ -22,8 +22,12 @@ F1 = 2|P∩G| / (|P|+|G|), so *both empty scores 0.0, not 1.0*, and such admissi
 the sample mean. Micro scores with no predicted (or no gold) codes at all are 0.0; macro F1 over an
 empty label set is 0.0.
 
+Uncertainty: `bootstrap_ci` (percentile interval of a mean over admissions) and `paired_bootstrap`
+(the difference of two models scored on the same admissions, resampled together), seeded and exact
+to a hand computation.
+
 Deliberately left out: ranking metrics other than P@k (AUC, MAP), hierarchy-distance or
-description-similarity credit, and confidence intervals; code knowledge lives in `icdray.codes`.
+description-similarity credit; code knowledge lives in `icdray.codes`.
 No scikit-learn, Ray or torch here: plain sets, fast enough for 20k admissions x 20 codes.
 """
 
@@ -248,6 +252,53 @@ def precision_at_k(ranked: Sequence[Sequence[str]], golds: Sequence[Collection[s
         top = [c for c in dict.fromkeys(map(_normalize, r)) if c][:k]
         total += len(_codeset(g).intersection(top)) / k
     return total / len(ranked)
+
+
+def per_admission_f1(predictions: Sequence[Collection[str]], golds: Sequence[Collection[str]]) -> list[float]:
+    """F1 of each admission (the terms whose mean is sample-F1)."""
+    _check_lengths(predictions, golds, "predictions")
+    return [_prf_sets(_codeset(p), _codeset(g))[2] for p, g in zip(predictions, golds, strict=True)]
+
+
+def _resample_means(values: Sequence[float], iters: int, seed: int) -> list[float]:
+    """Sorted means of `iters` resamples (numpy's PCG64 with `seed`; 200 resamples drawn at a time)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    v = np.asarray(values, dtype=np.float64)
+    means: list[float] = []
+    for lo in range(0, iters, 200):
+        idx = rng.integers(0, len(v), size=(min(200, iters - lo), len(v)))
+        means += v[idx].mean(axis=1).tolist()
+    return sorted(means)
+
+
+def _percentiles(means: list[float], alpha: float) -> tuple[float, float]:
+    lo = means[math.floor(alpha / 2 * (len(means) - 1))]
+    hi = means[math.ceil((1 - alpha / 2) * (len(means) - 1))]
+    return lo, hi
+
+
+def bootstrap_ci(
+    values: Sequence[float], iters: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampling admissions with replacement)."""
+    if not values:
+        return 0.0, 0.0
+    return _percentiles(_resample_means(list(values), iters, seed), alpha)
+
+
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], iters: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """(mean(b - a), lower, upper): two models scored on the same admissions, resampled as pairs."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_bootstrap needs aligned scores, got {len(a)} and {len(b)}")
+    diffs = [y - x for x, y in zip(a, b, strict=True)]
+    if not diffs:
+        return 0.0, 0.0, 0.0
+    lo, hi = _percentiles(_resample_means(diffs, iters, seed), alpha)
+    return sum(diffs) / len(diffs), lo, hi
 
 
 def code_frequencies(golds: Iterable[Collection[str]]) -> dict[str, int]:

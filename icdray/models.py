@@ -7,8 +7,9 @@
   attention kernel accepts) on the real SmolLM2 tokenizer, for fast tests. Untied embeddings.
 - `tiny-tied`: the same with tied input/output embeddings (as SmolLM2 and many small models), for the
   weight-sync tests that must catch a stale tied `lm_head`.
-- anything else: a local HF folder, or a Hugging Face hub id for users whose cluster can reach the
-  hub or a mirror (Qwen3-14B, MedGemma, ...). It is returned as given.
+- anything else: a local HF folder, or a Hugging Face hub id (Qwen/Qwen3-0.6B ... Qwen/Qwen3-14B,
+  MedGemma) for clusters that reach the hub or a mirror; a cached snapshot is used when there is one,
+  and offline without one is a clear error naming what to set.
 
 The cache folder is `$ICDRAY_CACHE` or `~/.cache/icdray`. Building an entry takes a file lock, so
 Ray workers on one node can ask for the same model at once.
@@ -128,11 +129,47 @@ def resolve(name: str) -> str:
         raise FileNotFoundError(
             f"model {name!r} not found: give {' or '.join(NAMES)}, an HF folder, or a hub id"
         )
-    return name  # a hub id: loaded by transformers on clusters that can reach the hub or a mirror
+    return _hub(name)
+
+
+def _hub(repo_id: str) -> str:
+    """A hub id: its cached snapshot when there is one, else the id itself (transformers downloads it).
+
+    Offline (`HF_HUB_OFFLINE=1`) without a cached snapshot is an error that says what to set.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise FileNotFoundError(
+                f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download "
+                f"it once (huggingface-cli download {repo_id}), point HF_ENDPOINT at a mirror and unset "
+                "HF_HUB_OFFLINE, or give a local folder (sft.model=/path/to/model)"
+            ) from None
+        return repo_id
+
+
+# Linear layers LoRA adapts, per model family (`config.model_type`); names absent from a model are skipped.
+_LORA_TARGETS = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gemma3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gemma3_text": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+}
+
+
+def lora_targets(config: Any) -> tuple[str, ...]:
+    """Every linear layer of a transformer block, for the model family of `config` (Llama-style by default)."""
+    return _LORA_TARGETS.get(getattr(config, "model_type", ""), _LORA_TARGETS["llama"])
 
 
 def load(name: str, dtype: str = "float32") -> tuple[Any, Any]:
-    """Model and tokenizer ready for training or generation; a missing pad token becomes the EOS token."""
+    """Model and tokenizer ready for generation or scoring; a missing pad token becomes the EOS token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,34 +179,3 @@ def load(name: str, dtype: str = "float32") -> tuple[Any, Any]:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return model, tok
-
-
-def trainable(model_path: str, cfg: Any) -> Any:
-    """The model a learner trains: gradient checkpointing and LoRA adapters as `cfg` says.
-
-    `cfg` is a stage config with the shared training fields (SFTConfig, GRPOConfig): seed, dtype,
-    gradient_checkpointing, lora, lora_r, lora_alpha, lora_dropout, lora_targets.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # with frozen embeddings (LoRA) checkpointed blocks still need grads
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = [t for t in cfg.lora_targets if any(n.endswith(t) for n, _ in model.named_modules())]
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout,
-                target_modules=targets,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    return model

@@ -1,146 +1,303 @@
-"""The whole pipeline in one run: demo data -> prepare -> distill -> baseline -> SFT -> GRPO -> evaluate
--> report (-> serve, in `icdray demo`).
+"""The whole pipeline in one run, exactly as the profile says:
+
+    demo-data (only with prepare.mimic: demo) -> prepare -> distill -> baseline (prior, TF-IDF, encoder)
+    -> sft -> grpo -> evaluate (base, SFT, SFT+GRPO) -> report (-> serve, in `icdray demo`)
 
 A stage whose artifact already exists under the storage root is skipped (`--force` runs it again), so a
 crashed or interrupted pipeline re-run picks up where it stopped: each stage resumes or reuses its own
-checkpoints as well. The LLM stages run at the scale of the `demo` config section (CPU-sized by default;
-`configs/gpu.yaml` for a GPU cluster).
+checkpoints as well. Nothing here changes a stage's settings: the demo's scale is the demo profile's
+(the config defaults, spelled out in configs/demo.yaml), a GPU run's is configs/gpu.yaml's.
+`plan` lists every stage with done/to-do and the settings that decide its scale and placement.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
 import urllib.request
+from dataclasses import dataclass, replace
 from typing import Any
 
-from icdray import metrics, storage
-from icdray.config import Config
-
-EVAL_COLUMNS = (*metrics.DEFAULT_COLUMNS, "format_ok_rate")
-TABLE_COLUMNS = ("n", *EVAL_COLUMNS)
-STAGES = 9
+from icdray import layout, results, storage
+from icdray.config import DEMO, Config
+from icdray.layout import Layout
 
 
-def _done(path: str, force: bool) -> bool:
-    return not force and storage.exists(path)
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    done: bool
+    settings: dict[str, Any]
 
 
-def run(cfg: Config, force: bool = False, serve_port: int = 0, keep_serving: bool = False) -> dict[str, Any]:
-    from icdray import baseline, controller, distill, evaluate, prepare, report, sft
+def mimic_root(cfg: Config) -> str:
+    """Where prepare reads MIMIC-IV files: the profile's root, or the synthetic files for `demo`."""
+    if cfg.prepare.mimic == DEMO:
+        return Layout(cfg.storage).mimic_demo
+    if not cfg.prepare.mimic:
+        raise ValueError(
+            "prepare.mimic is not set: set it to your MIMIC-IV root (a folder holding hosp/ and note/), "
+            "e.g. --set prepare.mimic=/data/mimic, or to 'demo' for synthetic notes"
+        )
+    return cfg.prepare.mimic
+
+
+def baseline_kinds(cfg: Config) -> dict[str, str]:
+    from icdray import baseline
+
+    kinds = ["prior", "tfidf", *(["encoder"] if cfg.baseline.encoder else [])]
+    return {k: baseline.NAMES[k] for k in kinds}
+
+
+def trained_models(cfg: Config) -> list[tuple[str, str, str]]:
+    """(role, model path or name, report row name) of the LLM rows: base, SFT, SFT+GRPO."""
+    where = Layout(cfg.storage)
+    short = cfg.sft.model.rstrip("/").split("/")[-1]
+    return [
+        ("base", cfg.sft.model, layout.model_row("base", short)),
+        ("sft", where.checkpoint("sft"), layout.model_row("sft", short)),
+        ("grpo", where.checkpoint("grpo"), layout.model_row("grpo", short)),
+    ]
+
+
+def _evaluated(cfg: Config, row: str) -> bool:
+    path = Layout(cfg.storage).report(row)
+    return (
+        storage.exists(path) and storage.read_json(path).get("config", {}).get("limit") == cfg.evaluate.limit
+    )
+
+
+def plan(cfg: Config) -> list[StagePlan]:
+    """Every stage in order, whether its artifact is complete, and the settings that size and place it."""
+    where, s, g, e, p = Layout(cfg.storage), cfg.sft, cfg.grpo, cfg.evaluate, cfg.prepare
+    out: list[StagePlan] = []
+    if p.mimic == DEMO:
+        done = storage.exists(storage.join(where.mimic_demo, "note", "discharge.csv.gz"))
+        out.append(
+            StagePlan(
+                "demo-data",
+                done,
+                {"admissions": p.demo_admissions, "seed": p.demo_seed, "output": where.mimic_demo},
+            )
+        )
+    out.append(
+        StagePlan(
+            "prepare",
+            where.done("prepare"),
+            {
+                "mimic": (where.mimic_demo if p.mimic == DEMO else p.mimic) or "(not set: prepare.mimic)",
+                "label_space": f"top-{p.top_k_codes}" if p.top_k_codes else "full",
+                "max_note_tokens": p.max_note_tokens,
+                "keep_discharge_diagnosis": p.keep_discharge_diagnosis,
+                "split_file": p.split_file,
+                "output": where.prompts,
+            },
+        )
+    )
+    t = cfg.teacher
+    out.append(
+        StagePlan(
+            "distill",
+            where.done("distill"),
+            {
+                "teacher": t.backend,
+                "model": t.model,
+                "notes": t.limit or "all",
+                "samples_per_note": t.samples_per_note,
+                "workers": t.workers,
+                "concurrency": t.concurrency,
+                "output": where.exemplars,
+            },
+        )
+    )
+    kinds = baseline_kinds(cfg)
+    out.append(
+        StagePlan(
+            "baseline",
+            all(storage.exists(where.report(n)) for n in kinds.values()),
+            {"models": list(kinds.values()), "output": where.reports},
+        )
+    )
+    out.append(
+        StagePlan(
+            "sft",
+            where.done("sft"),
+            {
+                "model": s.model,
+                "lora": s.lora,
+                "steps": s.max_steps or f"{s.epochs} epoch(s)",
+                "epochs": s.epochs,
+                "examples": s.limit or "all",
+                "workers": s.num_workers,
+                "gpus": s.num_workers if s.use_gpu else 0,
+                "zero_stage": s.zero_stage,
+                "lr": s.lr,
+                "max_seq_len": s.max_seq_len,
+                "dtype": s.dtype,
+                "output": where.checkpoint("sft"),
+            },
+        )
+    )
+    out.append(
+        StagePlan(
+            "grpo",
+            where.done("grpo"),
+            {
+                "model": g.model or where.checkpoint("sft"),
+                "steps": g.steps,
+                "prompts_per_step": g.prompts_per_step,
+                "group_size": g.group_size,
+                "engine": g.engine.backend,
+                "constrained": g.engine.constrained,
+                "rollout_workers": g.rollout_workers,
+                "rollout_gpus": g.rollout_gpus,
+                "learner_workers": g.learner_workers,
+                "gpus": g.learner_workers * int(g.use_gpu) + g.rollout_workers * g.rollout_gpus,
+                "lora": g.lora,
+                "lr": g.lr,
+                "output": where.checkpoint("grpo"),
+            },
+        )
+    )
+    rows = [r for _, _, r in trained_models(cfg)]
+    out.append(
+        StagePlan(
+            "evaluate",
+            all(_evaluated(cfg, r) for r in rows),
+            {
+                "models": rows,
+                "notes": e.limit or "all",
+                "split": e.split,
+                "engine": e.engine.backend,
+                "constrained": e.engine.constrained,
+                "workers": e.workers,
+                "gpus": e.workers * e.gpus_per_worker,
+                "output": where.reports,
+            },
+        )
+    )
+    out.append(
+        StagePlan(
+            "report",
+            storage.exists(storage.join(where.reports, "results.json")),
+            {"output": storage.join(where.reports, "results.md")},
+        )
+    )
+    return out
+
+
+def format_plan(stages: list[StagePlan]) -> str:
+    lines = []
+    for i, st in enumerate(stages, 1):
+        lines.append(f"[{i}/{len(stages)}] {st.name:<10} {'done' if st.done else 'to do'}")
+        lines += [f"      {k:<24} {v}" for k, v in st.settings.items()]
+    return "\n".join(lines)
+
+
+def plan_json(stages: list[StagePlan]) -> dict[str, Any]:
+    return {
+        "stages": [
+            {"name": s.name, "status": "done" if s.done else "todo", "settings": s.settings} for s in stages
+        ]
+    }
+
+
+def run(
+    cfg: Config, force: bool = False, serve_port: int = 0, keep_serving: bool = False
+) -> list[dict[str, Any]]:
+    from icdray import baseline, distill, evaluate, grpo, prepare, report, sft
     from icdray.demo_data import write_demo
     from icdray.runtime import ensure_ray
 
-    cfg = dataclasses.replace(
-        cfg, ray=dataclasses.replace(cfg.ray, dashboard=True)
-    )  # training stages need it
+    cfg = replace(cfg, ray=replace(cfg.ray, dashboard=True))  # Ray Train's State API polling needs it
     t0 = time.time()
-    d = cfg.demo
-    root = cfg.storage
-    mimic_root = cfg.prepare.mimic or storage.join(root, "mimic-demo")
-    n = STAGES if serve_port else STAGES - 1
-    if _done(storage.join(mimic_root, "note", "discharge.csv.gz"), force) or cfg.prepare.mimic:
-        print(f"[1/{n}] demo data: using {mimic_root}")
-    else:
-        print(f"[1/{n}] demo data: {d.admissions} admissions -> {mimic_root}")
-        write_demo(mimic_root, d.admissions, seed=d.seed)
-    ensure_ray(cfg.ray)
-    if _done(storage.join(root, "prompts", "_report.json"), force):
-        print(f"[2/{n}] prepare: prompts/ exists, skipped")
-    else:
-        print(f"[2/{n}] prepare on Ray Data")
-        print(prepare.run(cfg.prepare, root, mimic_root).format())
-    if _done(storage.join(root, "exemplars", "_summary.json"), force):
-        print(f"[3/{n}] distill: exemplars/ exists, skipped")
-    else:
-        print(f"[3/{n}] distill: {cfg.teacher.backend} teacher on the train split (Ray Data)")
-        print(distill.run(cfg).format())
-    out = storage.join(root, "reports")
-    baselines = {"tfidf": baseline.MODEL_NAME}
-    if cfg.baseline.encoder:
-        baselines["encoder"] = baseline.ENCODER_NAME
-    for kind, name in baselines.items():
-        if _done(storage.join(out, f"{name}.json"), force):
-            print(f"[4/{n}] baseline: reports/{name}.json exists, skipped")
-        else:
-            what = "TF-IDF" if kind == "tfidf" else "all-MiniLM-L6-v2 sentence encoder"
-            print(f"[4/{n}] baseline: {what} + one-vs-rest logistic regression")
-            baseline.run(cfg.baseline, root, out, kind)
+    where = Layout(cfg.storage)
+    source = mimic_root(cfg)  # a profile without MIMIC data stops here, before any work
+    stages = plan(cfg)
+    n = len(stages) + (1 if serve_port else 0)
+    done = {st.name: st.done and not force for st in stages}
+    k = 0
 
-    demo_cfg = dataclasses.replace(
-        cfg,
-        sft=dataclasses.replace(
-            cfg.sft, max_steps=d.sft_steps, limit=d.sft_examples, grad_accum=1, val_fraction=0.0
-        ),
-        evaluate=dataclasses.replace(cfg.evaluate, limit=d.eval_notes, max_new_tokens=d.eval_max_new_tokens),
-    )
-    sft_out = storage.join(root, "checkpoints", "sft")
-    if _done(storage.join(sft_out, "config.json"), force):
-        print(f"[5/{n}] sft: checkpoints/sft exists, skipped")
+    def head(name: str, text: str) -> None:
+        nonlocal k
+        k += 1
+        print(f"[{k}/{n}] {name}: {text} ({time.time() - t0:.0f}s)", flush=True)
+
+    if cfg.prepare.mimic == DEMO:
+        if done["demo-data"]:
+            head("demo data", f"using {source}")
+        else:
+            head("demo data", f"{cfg.prepare.demo_admissions} synthetic admissions -> {source}")
+            write_demo(source, cfg.prepare.demo_admissions, seed=cfg.prepare.demo_seed)
+    ensure_ray(cfg.ray)
+    if done["prepare"]:
+        head("prepare", "prompts/ exists, skipped")
     else:
-        print(
-            f"[5/{n}] sft: {cfg.sft.model}, {'LoRA' if cfg.sft.lora else 'full'}, ZeRO-{cfg.sft.zero_stage}, "
-            f"{cfg.sft.num_workers} Ray Train workers, {d.sft_steps} steps on {d.sft_examples} exemplars"
+        head("prepare", f"{source} on Ray Data")
+        print(prepare.run(cfg.prepare, cfg.storage, source).format())
+    if done["distill"]:
+        head("distill", "exemplars/ exists, skipped")
+    else:
+        head("distill", f"{cfg.teacher.backend} teacher on the train split (Ray Data)")
+        print(distill.run(cfg).format())
+    head("baseline", ", ".join(baseline_kinds(cfg).values()))
+    for kind, name in baseline_kinds(cfg).items():
+        if storage.exists(where.report(name)) and not force:
+            print(f"  {name}: reports/{name}.json exists, skipped")
+            continue
+        row = baseline.run(cfg.baseline, cfg.storage, kind)
+        print(f"  {name}: sample-F1 {row['sample_f1']:.3f} in {row.get('seconds', 0)}s")
+    s = cfg.sft
+    if done["sft"]:
+        head("sft", "checkpoints/sft exists, skipped")
+    else:
+        head(
+            "sft",
+            f"{s.model}, {'LoRA' if s.lora else 'full'}, ZeRO-{s.zero_stage}, {s.num_workers} Ray Train "
+            f"worker(s), {s.max_steps or 'all'} steps on {s.limit or 'all'} exemplars",
         )
-        print(sft.run(demo_cfg).format())
-    grpo_cfg = dataclasses.replace(
-        demo_cfg,
-        grpo=dataclasses.replace(
-            cfg.grpo,
-            model=sft_out,
-            steps=d.grpo_steps,
-            prompts_per_step=d.grpo_prompts,
-            group_size=d.grpo_group,
-            max_new_tokens=d.grpo_max_new_tokens,
-            max_prompt_tokens=d.sft_max_seq_len,
-            checkpoint_every=d.grpo_steps,
-            val_every=d.grpo_steps,
-            val_notes=d.eval_notes,
-            val_max_new_tokens=d.grpo_max_new_tokens,
-            learner_threads=2,  # phases alternate: the learner may use both cores while vLLM waits
-        ),
-    )
-    grpo_out = storage.join(root, "checkpoints", "grpo")
-    if _done(storage.join(grpo_out, "config.json"), force):
-        print(f"[6/{n}] grpo: checkpoints/grpo exists, skipped")
+        print(sft.run(cfg).format())
+    g = cfg.grpo
+    if done["grpo"]:
+        head("grpo", "checkpoints/grpo exists, skipped")
     else:
-        print(
-            f"[6/{n}] grpo: {d.grpo_steps} steps x {d.grpo_prompts} notes x {d.grpo_group} answers from the SFT "
-            f"model ({cfg.grpo.rollout_backend} rollout actor, reward actor, DeepSpeed learner actor)"
+        head(
+            "grpo",
+            f"{g.steps} steps x {g.prompts_per_step} notes x {g.group_size} answers from the SFT model",
         )
         if force:
-            storage.delete_dir(grpo_out)  # a forced run starts GRPO afresh instead of resuming
-        print(controller.run(grpo_cfg).format())
-
-    print(f"[7/{n}] evaluate base, SFT, SFT+GRPO on {d.eval_notes} test notes (Ray Data batch generation)")
-    rows = {
-        name: storage.read_json(storage.join(out, f"{name}.json"))["metrics"] for name in baselines.values()
-    }
-    for model, name in (
-        (cfg.sft.model, f"base-{cfg.sft.model}"),
-        (sft_out, f"sft-{cfg.sft.model}"),
-        (grpo_out, f"sft+grpo-{cfg.sft.model}"),
-    ):
-        path = storage.join(out, f"{name}.json")
-        if _done(path, force) and storage.read_json(path)["config"].get("limit") == d.eval_notes:
-            result = storage.read_json(path)
-            print(f"  {name}: reports/{name}.json exists, skipped")
-        else:
-            result = evaluate.run(demo_cfg, model, out_dir=out, name=name)
-            print(f"  {name}: {result['generated_tokens']} tokens generated in {result['seconds']}s")
-        rows[name] = result["metrics"]
-    print(
-        f"\nTest split (LLM rows: first {d.eval_notes} admissions; discharge diagnosis section "
-        f"{'kept' if cfg.prepare.keep_discharge_diagnosis else 'removed'}):\n"
+            storage.delete_dir(
+                where.checkpoint("grpo")
+            )  # a forced run starts GRPO afresh instead of resuming
+        print(grpo.run(cfg).format())
+    head(
+        "evaluate",
+        f"base, SFT, SFT+GRPO on {cfg.evaluate.limit or 'all'} {cfg.evaluate.split} notes "
+        f"({cfg.evaluate.engine.backend}, Ray Data)",
     )
-    print(metrics.format_table(rows, TABLE_COLUMNS))
-    print(f"[8/{n}] report -> {report.write(root)}")
+    for role, model, row in trained_models(cfg):
+        if _evaluated(cfg, row) and not force:
+            print(f"  {row}: reports/{row}.json exists, skipped")
+            continue
+        got = evaluate.run(cfg, model, name=row, role=role)
+        print(
+            f"  {row}: "
+            + ", ".join(f"{r['model']} sample-F1 {r['sample_f1']:.3f}" for r in got["rows"])
+            + f"; {got['generated_tokens']} tokens in {got['seconds']}s"
+        )
+    head("report", "reports/results.md, results.json, plots")
+    report.write(cfg.storage)
+    rows = results.collect(cfg.storage)
+    print(results.table(rows))
+    for c in results.comparisons(rows):
+        print(
+            f"  {c['a']} -> {c['b']}: {c['delta_sample_f1']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] (n={c['n']})"
+        )
     if serve_port:
-        print(f"[9/{n}] serve the SFT+GRPO model with Ray Serve and code one test note over HTTP")
-        serve_and_code_one(grpo_out, cfg, serve_port, keep_serving)
-    print(f"\nartifacts in {root}; total {time.time() - t0:.0f}s")
+        head("serve", "the SFT+GRPO model on Ray Serve; code one test note over HTTP")
+        serve_and_code_one(where.checkpoint("grpo"), cfg, serve_port, keep_serving)
+    print(f"\nartifacts in {cfg.storage}; total {time.time() - t0:.0f}s")
     return rows
 
 
@@ -148,19 +305,17 @@ def serve_and_code_one(checkpoint: str, cfg: Config, port: int, keep: bool) -> d
     """Serve `checkpoint`, POST one test note to /v1/code, print the codes and the page's URL."""
     from ray import serve
 
-    from icdray import prepare
     from serve_app.app import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # short reasoning so that the codes fit in the demo's token budget
-    user = {
-        "checkpoint": os.path.abspath(checkpoint),
-        "max_new_tokens": cfg.demo.eval_max_new_tokens,
-        "max_reasoning_chars": 600,
-    }
-    serve.run(build_app(user), name="icdray", route_prefix="/", blocking=False)
+    serve.run(
+        build_app({"checkpoint": os.path.abspath(checkpoint), "storage": cfg.storage}),
+        name="icdray",
+        route_prefix="/",
+        blocking=False,
+    )
     url = f"http://127.0.0.1:{port}"
-    row = prepare.read_split(cfg.storage, "test", ["note", "medications", "codes"]).slice(0, 1).to_pylist()[0]
+    row = layout.read_split(cfg.storage, "test", ["note", "medications", "codes"]).slice(0, 1).to_pylist()[0]
     body = json.dumps({"note": row["note"], "medications": row["medications"] or []}).encode()
     req = urllib.request.Request(url + "/v1/code", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=600) as r:

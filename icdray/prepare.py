@@ -27,11 +27,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from icdray import mimic, notes, storage
+from icdray import layout, mimic, notes, storage
 from icdray.config import PrepareConfig
+from icdray.layout import SPLITS, Layout
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 OUTPUT_SCHEMA = pa.schema(
     [
         ("note_id", pa.string()),
@@ -153,12 +153,14 @@ class PrepareReport:
     seconds: float = 0.0
     keep_discharge_diagnosis: bool = False
     engine: str = "ray"
+    label_space: str = "full"  # "full", or "top-50" when prepare.top_k_codes restricted the gold codes
 
     def format(self) -> str:
         lines = [
             f"prepare ({self.engine}): {self.notes_in} notes in, {sum(self.kept.values())} kept "
             f"({', '.join(f'{k} {v}' for k, v in self.kept.items())}) in {self.seconds:.1f}s; "
-            f"discharge diagnosis section {'KEPT' if self.keep_discharge_diagnosis else 'removed'}"
+            f"discharge diagnosis section {'KEPT' if self.keep_discharge_diagnosis else 'removed'}; "
+            f"label space {self.label_space}"
         ]
         for table, reasons in self.dropped.items():
             for reason, n in sorted(reasons.items()):
@@ -203,7 +205,7 @@ def read_split_file(path: str) -> pa.Table:
 
 
 def output_dir(storage_root: str, split: str) -> str:
-    return storage.join(storage_root, "prompts", split)
+    return Layout(storage_root).split(split)
 
 
 def _write_dropped(table: pa.Table, storage_root: str) -> None:
@@ -219,7 +221,7 @@ def _write_dropped(table: pa.Table, storage_root: str) -> None:
     if dropped.num_rows == 0:
         return
     key = zlib.crc32(repr(table.slice(0, 1).to_pylist()).encode())
-    fs, path = storage.resolve(storage.join(storage_root, "prompts", "_dropped"))
+    fs, path = storage.resolve(Layout(storage_root).dropped)
     fs.create_dir(path, recursive=True)
     pq.write_table(dropped, f"{path}/part-{key:08x}-{table.num_rows}.parquet", filesystem=fs)
 
@@ -256,36 +258,94 @@ def _note_convert_options() -> Any:
 
 
 def _reset_outputs(storage_root: str) -> None:
-    for name in (*SPLITS, "_dropped", "_staging"):
-        storage.delete_dir(storage.join(storage_root, "prompts", name))
+    where = Layout(storage_root)
+    for path in (*(where.split(s) for s in SPLITS), where.dropped, where.staging):
+        storage.delete_dir(path)
+    if storage.exists(where.label_space_file):
+        fs, p = storage.resolve(where.label_space_file)
+        fs.delete_file(p)
+
+
+def apply_label_space(k: int, storage_root: str) -> None:
+    """Restrict gold codes to the k most frequent codes of the train split (the literature's MIMIC-IV top-50
+    setting): `codes` keeps the label-space codes in seq_num order, `all_codes` the full set; admissions
+    with no label-space code go to `_dropped` (reason `no_label_space_codes`). The label space is saved in
+    `prompts/_label_space.json`; the grammar, the baselines and every metric then use it.
+    """
+    import pyarrow.parquet as pq
+
+    where = Layout(storage_root)
+    counts = Counter(
+        c for cs in layout.read_split(storage_root, "train", ["codes"])["codes"].to_pylist() for c in cs
+    )
+    top = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+    keep = set(top)
+    for split in SPLITS:
+        t = layout.read_split(storage_root, split)
+        full = t["codes"].to_pylist()
+        restricted = [[c for c in cs if c in keep] for cs in full]
+        has = pa.array([bool(r) for r in restricted])
+        t = t.set_column(
+            t.schema.get_field_index("codes"), "codes", pa.array(restricted, pa.list_(pa.string()))
+        )
+        t = t.append_column("all_codes", pa.array(full, pa.list_(pa.string())))
+        gone = t.filter(pc.invert(has)).select(["note_id", "hadm_id", "subject_id"])
+        if gone.num_rows:
+            fs, path = storage.resolve(where.dropped)
+            fs.create_dir(path, recursive=True)
+            gone = gone.append_column("drop_reason", pa.array(["no_label_space_codes"] * gone.num_rows))
+            pq.write_table(gone, f"{path}/label-space-{split}.parquet", filesystem=fs)
+        storage.delete_dir(where.split(split))
+        fs, path = storage.resolve(where.split(split))
+        fs.create_dir(path, recursive=True)
+        pq.write_table(t.filter(has), f"{path}/part-0.parquet", filesystem=fs)
+    storage.write_json(
+        where.label_space_file, {"top_k": k, "codes": top, "train_counts": {c: counts[c] for c in top}}
+    )
 
 
 def _report(
     storage_root: str, engine: str, cfg: PrepareConfig, dropped: dict[str, dict[str, int]], seconds: float
 ) -> PrepareReport:
-    """Count what was written: every input note is either in a split or in `_dropped` with its reason."""
+    """Apply the label space, then count what was written: every input note is either in a split or in
+    `_dropped` with its reason."""
     import pyarrow.dataset as pads
 
+    if cfg.top_k_codes:
+        apply_label_space(cfg.top_k_codes, storage_root)
+    where = Layout(storage_root)
     report = PrepareReport(
-        dropped=dropped, keep_discharge_diagnosis=cfg.keep_discharge_diagnosis, engine=engine, seconds=seconds
+        dropped=dropped,
+        keep_discharge_diagnosis=cfg.keep_discharge_diagnosis,
+        engine=engine,
+        seconds=seconds,
+        label_space=layout.label_space_name(storage_root),
     )
     for split in SPLITS:
-        fs, path = storage.resolve(output_dir(storage_root, split))
+        fs, path = storage.resolve(where.split(split))
         report.kept[split] = (
-            pads.dataset(path, filesystem=fs).count_rows()
-            if storage.exists(output_dir(storage_root, split))
-            else 0
+            pads.dataset(path, filesystem=fs).count_rows() if storage.exists(where.split(split)) else 0
         )
     reasons: Counter = Counter()
-    if storage.exists(storage.join(storage_root, "prompts", "_dropped")):
-        fs, path = storage.resolve(storage.join(storage_root, "prompts", "_dropped"))
+    if storage.exists(where.dropped):
+        fs, path = storage.resolve(where.dropped)
         reasons.update(
             pads.dataset(path, filesystem=fs).to_table(columns=["drop_reason"])["drop_reason"].to_pylist()
         )
     report.dropped["discharge"] = dict(sorted(reasons.items()))
     report.notes_in = sum(report.kept.values()) + sum(reasons.values())
-    storage.write_json(storage.join(storage_root, "prompts", "_report.json"), report.__dict__)
+    storage.write_json(where.prepare_report, report.__dict__)
     return report
+
+
+def check_inputs(mimic_root: str) -> None:
+    """Every MIMIC-IV file prepare reads exists (checked before Ray starts any work)."""
+    for rel in (mimic.DISCHARGE, mimic.DIAGNOSES, mimic.D_ICD, mimic.PRESCRIPTIONS):
+        if not storage.exists(storage.join(mimic_root, rel)):
+            raise FileNotFoundError(
+                f"{storage.join(mimic_root, rel)} not found: point --mimic (prepare.mimic) at a MIMIC-IV root "
+                "holding hosp/ and note/, or use --mimic demo for synthetic notes"
+            )
 
 
 def run(cfg: PrepareConfig, storage_root: str, mimic_root: str) -> PrepareReport:
@@ -293,16 +353,12 @@ def run(cfg: PrepareConfig, storage_root: str, mimic_root: str) -> PrepareReport
     import ray
 
     start = time.time()
+    check_inputs(mimic_root)
     _reset_outputs(storage_root)
     # The small per-admission tables load in two tasks while the notes already stream in.
     labels_ref = ray.remote(load_labels).options(num_cpus=0.5).remote(cfg, mimic_root)
     meds_ref = ray.remote(load_medications).options(num_cpus=0.5).remote(mimic_root)
     fs, notes_path = storage.resolve(storage.join(mimic_root, mimic.DISCHARGE))
-    if fs.get_file_info(notes_path).type == 0:
-        raise FileNotFoundError(
-            f"{storage.join(mimic_root, mimic.DISCHARGE)} not found: point --mimic at a "
-            f"MIMIC-IV root holding hosp/ and note/"
-        )
     # Reading one gzip file is a single streaming task that mostly waits on the map tasks (backpressure):
     # it gets no CPU reservation, so on a 2-core machine both cores go to the note processing.
     ds = ray.data.read_csv(
@@ -333,7 +389,7 @@ def run(cfg: PrepareConfig, storage_root: str, mimic_root: str) -> PrepareReport
             "storage_root": storage_root,
         },
     )
-    staging = storage.join(storage_root, "prompts", "_staging")
+    staging = Layout(storage_root).staging
     out_fs, staging_path = storage.resolve(staging)
     ds.write_parquet(staging_path, filesystem=out_fs, partition_cols=["split"])
     for split in SPLITS:  # hive folders split=train -> prompts/train
@@ -356,6 +412,7 @@ def run_pandas(cfg: PrepareConfig, storage_root: str, mimic_root: str) -> Prepar
     import pyarrow.parquet as pq
 
     start = time.time()
+    check_inputs(mimic_root)
     _reset_outputs(storage_root)
     labels, split_map, dx_dropped = load_labels(cfg, mimic_root)
     meds, rx_dropped = load_medications(mimic_root)
@@ -382,22 +439,3 @@ def run_pandas(cfg: PrepareConfig, storage_root: str, mimic_root: str) -> Prepar
         {"diagnoses_icd": dx_dropped, "prescriptions": rx_dropped},
         time.time() - start,
     )
-
-
-def train_code_counts(storage_root: str) -> dict[str, int]:
-    """Code -> training admissions: what the rare/frequent buckets of every report are measured against."""
-    from icdray import metrics
-
-    return metrics.code_frequencies(read_split(storage_root, "train", ["codes"])["codes"].to_pylist())
-
-
-def read_split(storage_root: str, split: str, columns: list[str] | None = None) -> pa.Table:
-    """Read one prepared split back (driver-side, for small consumers like the baseline and tests)."""
-    import pyarrow.dataset as pads
-
-    fs, path = storage.resolve(output_dir(storage_root, split))
-    if fs.get_file_info(path).type == 0:
-        raise FileNotFoundError(f"{output_dir(storage_root, split)} not found: run `icdray prepare` first")
-    wanted = None if columns is None else list(dict.fromkeys(["hadm_id", *columns]))
-    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=wanted).sort_by("hadm_id")
-    return t if columns is None else t.select(columns)

@@ -4,16 +4,18 @@ Used by the teacher (exemplar answers), SFT targets, RL rollouts and rewards, ev
 so they all agree on one format. A completion looks like::
 
     <reasoning>
-    free text: history, medications, hospital course, the diagnoses found ...
+    a short review: why the patient was admitted, what was treated or monitored
     </reasoning>
     <answer>
-    {"codes": [{"code": "N17.9", "evidence": "acute kidney injury"}]}
+    {"codes": [{"evidence": "acute kidney injury", "code": "N17.9"}, {"evidence": "HLD", "code": "E78.5"}]}
     </answer>
 
-Why: reasoning first lets the model review the note before committing to codes; the answer is one flat
-JSON object (one list of `{code, evidence}` string pairs) so that a 135M model can learn it and a
-constrained-decoding grammar can describe it. The evidence quote (copied verbatim from the note)
-makes each code checkable against the note.
+Why: a brief reasoning first lets the model review the note before committing to codes; the answer is
+one flat JSON object (a list of `{evidence, code}` string pairs) that a 135M model can learn and a
+constrained-decoding grammar can describe. Each item's evidence comes first: the model copies the
+phrase from the note, then writes the code for that phrase (in probes this order beat code-first by
+0.2 sample-F1 at equal training time: the code is chosen from the quote instead of from frequency).
+The principal diagnosis comes first. The quote makes each code checkable against the note.
 
 `parse_answer` never raises, whatever it is given. It is lenient in a fixed, documented way and
 reports every deviation as a flag (the `FLAG_*` constants):
@@ -74,7 +76,7 @@ __all__ = [
     "teacher_messages",
 ]
 
-PROMPT_VERSION = "icd-v1"  # cache key: bump whenever the prompt or the answer format changes
+PROMPT_VERSION = "icd-v2"  # cache key: bump whenever the prompt or the answer format changes
 
 MAX_ITEMS = 100  # codes kept per answer
 _MAX_RAW_ITEMS = 10 * MAX_ITEMS  # list entries examined (bad or duplicate ones included)
@@ -92,39 +94,20 @@ FORMAT_FLAGS: frozenset[str] = frozenset({FLAG_NO_ANSWER, FLAG_INVALID_JSON, FLA
 """Flags that make `Answer.ok` False; all other flags are informational."""
 
 SYSTEM_PROMPT = """\
-You are a professional clinical coding auditor for ICD-10-CM. You read a hospital discharge note and \
-the patient's medication list and assign the ICD-10-CM diagnosis codes the documentation supports.
-
-First think inside <reasoning></reasoning>: review the history, the medications (each one usually \
-treats a documented condition) and the hospital course, and list the diagnoses you find.
-
-Rules:
-- Code only diagnoses documented as present during this admission, including chronic conditions \
-that were treated or monitored.
-- Do not code negated or ruled-out findings, or family history.
-- Use the most specific billable code, with all required characters.
-- Give each code once, with evidence: a short quote copied verbatim from the note.
-
-Then answer inside <answer></answer> with JSON only, one object per code ([] if none):
-<answer>
-{"codes": [{"code": "<ICD-10-CM code>", "evidence": "<exact quote from the note>"}]}
-</answer>
-Write nothing after </answer>."""
-
-_FORMAT_REMINDER = (
-    'Reason inside <reasoning></reasoning>, then answer <answer>{"codes": [{"code": "...", '
-    '"evidence": "..."}]}</answer> with quotes copied verbatim from the note.'
-)
+You are a clinical coder. Assign the ICD-10-CM diagnosis codes this hospital stay supports: conditions \
+present and treated or monitored, not negated findings or family history; the principal diagnosis first. \
+Think briefly in <reasoning></reasoning>, then answer in <answer></answer> with JSON: \
+{"codes": [{"evidence": "<short phrase copied from the note>", "code": "<ICD-10-CM code>"}]}"""
 
 
 def render_user_prompt(note: str, medications: Sequence[str] = ()) -> str:
-    """The user turn: the note, the medication list (one per line) and a one-line format reminder."""
+    """The user turn: the note and the medication list (one per line); the format is in the system prompt."""
     if isinstance(medications, str):  # a str is a Sequence[str]: treat it as lines, not characters
         medications = medications.splitlines()
     meds = [m.strip() for m in (str(m) for m in (() if medications is None else medications)) if m.strip()]
     med_block = "\n".join(f"- {m}" for m in meds) if meds else "(none recorded)"
     note_text = "" if note is None else str(note).strip()
-    return f"Discharge note:\n{note_text}\n\nMedications:\n{med_block}\n\n{_FORMAT_REMINDER}"
+    return f"Discharge note:\n{note_text}\n\nMedications:\n{med_block}"
 
 
 def build_messages(note: str, medications: Sequence[str] = ()) -> list[dict[str, str]]:
@@ -192,7 +175,7 @@ _TAGLIKE_LT = re.compile(r"<(?=\s*/?\s*answer)", re.IGNORECASE)
 def render_answer(reasoning: str, items: Sequence[CodeItem]) -> str:
     """A gold or exemplar completion in exactly the format `parse_answer` reads."""
     payload = {
-        "codes": [{"code": codes.normalize(i.code), "evidence": (i.evidence or "").strip()} for i in items]
+        "codes": [{"evidence": (i.evidence or "").strip(), "code": codes.normalize(i.code)} for i in items]
     }
     body = _TAGLIKE_LT.sub(r"\\u003c", json.dumps(payload, ensure_ascii=False))
     return f"<reasoning>\n{(reasoning or '').strip()}\n</reasoning>\n<answer>\n{body}\n</answer>"

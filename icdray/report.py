@@ -1,11 +1,10 @@
-"""The results report: every evaluated model in one table (the prototype's shape, extended) plus plots.
+"""The results report: every scored model in one table, the paired comparisons, and the plots.
 
-    reports/*.json (baseline, base, SFT, SFT+GRPO, teacher-as-predictor ...) -> reports/results.md
-    checkpoints/grpo/metrics.jsonl -> reports/grpo_curves.png (reward and validation F1 per step)
-    -> reports/sample_f1.png (sample-F1 per model)
-
-Columns: sample-F1 (the prototype's metric), micro-F1, macro-F1, hierarchical F1, invalid-code rate and
-rare-code micro-F1, all from `metrics.score`. Models are ordered by pipeline stage.
+reports/<model>.json (prior, baselines, teacher, base, SFT, SFT+GRPO; constrained and free rows)
+    -> reports/results.md and reports/results.json (results.py's contract)
+checkpoints/grpo/metrics.jsonl -> reports/grpo_curves.png (reward and validation F1 per step)
+checkpoints/sft/metrics.jsonl  -> reports/sft_loss.png
+-> reports/sample_f1.png (sample-F1 per model with its 95% interval)
 """
 
 from __future__ import annotations
@@ -15,58 +14,63 @@ import os
 import tempfile
 from typing import Any
 
-from icdray import metrics, storage
-
-COLUMNS = ("n", "sample_f1", "micro_f1", "macro_f1", "hierarchical_f1", "invalid_rate", "rare_micro_f1")
-ORDER = ("tfidf", "encoder", "teacher", "base-", "sft-", "sft+grpo-")
+from icdray import layout, results, storage
 
 
-def _rank(name: str) -> tuple[int, str]:
-    return next((i for i, p in enumerate(ORDER) if name.startswith(p)), len(ORDER)), name
-
-
-def collect(root: str) -> dict[str, dict[str, Any]]:
-    """model name -> metrics, from every report JSON under `<root>/reports`."""
-    fs, path = storage.resolve(storage.join(root, "reports"))
-    import pyarrow.fs as pafs
-
-    rows = {}
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        if info.extension == "json" and not info.base_name.startswith("_"):
-            with fs.open_input_stream(info.path, compression=None) as f:
-                data = json.loads(f.read().decode())
-            if isinstance(data, dict) and "metrics" in data:
-                rows[data.get("model", info.base_name[:-5])] = data["metrics"]
-    return dict(sorted(rows.items(), key=lambda kv: _rank(kv[0])))
-
-
-def grpo_history(root: str) -> list[dict[str, Any]]:
-    p = storage.join(root, "checkpoints", "grpo", "metrics.jsonl")
-    if not storage.exists(p):
+def _jsonl(path: str) -> list[dict[str, Any]]:
+    if not storage.exists(path):
         return []
-    fs, path = storage.resolve(p)
-    with fs.open_input_stream(path, compression=None) as f:
+    fs, p = storage.resolve(path)
+    with fs.open_input_stream(p, compression=None) as f:
         return [json.loads(x) for x in f.read().decode().splitlines() if x.strip()]
 
 
+def grpo_history(root: str) -> list[dict[str, Any]]:
+    return _jsonl(layout.Layout(root).metrics("grpo"))
+
+
+def sft_history(root: str) -> list[dict[str, Any]]:
+    return _jsonl(layout.Layout(root).metrics("sft"))
+
+
+def results_json(root: str) -> dict[str, Any]:
+    rows = results.collect(root)
+    return {"rows": [results.public(r) for r in rows], "comparisons": results.comparisons(rows)}
+
+
 def markdown(root: str) -> str:
-    rows = collect(root)
+    rows = results.collect(root)
+    prep_path = layout.Layout(root).prepare_report
+    prep = storage.read_json(prep_path) if storage.exists(prep_path) else {}
+    leak = "kept" if prep.get("keep_discharge_diagnosis") else "removed"
     lines = [
         "# icdray results",
         "",
-        "Test split; sample-F1 is the prototype's metric. LLM rows may cover fewer admissions (column n).",
+        f"Test split; label space {prep.get('label_space', 'full')}; the discharge diagnosis section {leak}. "
+        "sample-F1 is the prototype's metric; its 95% interval is a bootstrap over admissions. "
+        "Constrained rows decode under the answer grammar (they measure coding); free rows do not "
+        "(they measure the format).",
         "",
-        metrics.format_table(rows, COLUMNS)
-        if rows
-        else "(no reports yet: run `icdray evaluate` or `icdray pipeline`)",
+        results.table(rows) if rows else "(no reports yet: run `icdray evaluate` or `icdray pipeline`)",
     ]
+    comps = results.comparisons(rows)
+    if comps:
+        lines += ["", "Paired differences in sample-F1 (b - a, same admissions, 95% bootstrap interval):", ""]
+        lines += ["| a | b | n | delta | 95% interval |", "|---|---|---:|---:|---:|"]
+        lines += [
+            f"| {c['a']} | {c['b']} | {c['n']} | {c['delta_sample_f1']:+.3f} | "
+            f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] |"
+            for c in comps
+        ]
     history = grpo_history(root)
     if history:
         first, last = history[0], history[-1]
         vals = [m for m in history if "val_sample_f1" in m]
+        updates = sum("loss" in m for m in history)
         lines += [
             "",
-            f"GRPO: {len(history)} steps, reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}"
+            f"GRPO: {len(history)} steps ({updates} with an update), reward {first['reward_mean']:.3f} -> "
+            f"{last['reward_mean']:.3f}"
             + (
                 f", validation sample-F1 {vals[0]['val_sample_f1']:.3f} -> {vals[-1]['val_sample_f1']:.3f}"
                 if vals
@@ -75,6 +79,8 @@ def markdown(root: str) -> str:
             + ".",
         ]
     lines += ["", "![sample-F1 per model](sample_f1.png)"]
+    if sft_history(root):
+        lines += ["", "![SFT loss](sft_loss.png)"]
     if history:
         lines += ["", "![GRPO curves](grpo_curves.png)"]
     return "\n".join(lines) + "\n"
@@ -87,17 +93,36 @@ def plots(root: str, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    rows = collect(root)
+    rows = results.collect(root)
     if rows:
-        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
-        names = list(rows)[::-1]
-        ax.barh(names, [rows[n].get("sample_f1", 0.0) for n in names], color="#457b9d")
-        ax.set_xlabel("sample-F1 (test)")
+        fig, ax = plt.subplots(figsize=(7, 0.6 + 0.45 * len(rows)))
+        names = [r["model"] for r in rows][::-1]
+        f1 = [r["sample_f1"] for r in rows][::-1]
+        ci = [r.get("sample_f1_ci95") or [v, v] for r, v in zip(rows[::-1], f1, strict=True)]
+        err = [
+            [v - c[0] for v, c in zip(f1, ci, strict=True)],
+            [c[1] - v for v, c in zip(f1, ci, strict=True)],
+        ]
+        ax.barh(names, f1, xerr=err, color="#457b9d", capsize=3)
+        ax.set_xlabel("sample-F1 (test), 95% bootstrap interval")
         ax.set_xlim(0, 1)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "sample_f1.png"), dpi=120)
         plt.close(fig)
         made.append("sample_f1.png")
+    sft = sft_history(root)
+    if sft:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ax.plot([m["step"] for m in sft], [m["loss"] for m in sft], label="train loss")
+        vals = [m for m in sft if "val_loss" in m]
+        if vals:
+            ax.plot([m["step"] for m in vals], [m["val_loss"] for m in vals], marker="s", label="val loss")
+        ax.set_xlabel("SFT step")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "sft_loss.png"), dpi=120)
+        plt.close(fig)
+        made.append("sft_loss.png")
     history = grpo_history(root)
     if history:
         fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -125,16 +150,18 @@ def plots(root: str, out_dir: str) -> list[str]:
 
 
 def write(root: str) -> str:
-    """Write results.md and the PNGs to `<root>/reports/`; returns that folder."""
+    """Write results.md, results.json and the PNGs to `<root>/reports/`; returns that folder."""
     import pyarrow.fs as pafs
 
-    out = storage.join(root, "reports")
+    out = layout.Layout(root).reports
     with tempfile.TemporaryDirectory() as tmp:
         names = plots(root, tmp)
         with open(os.path.join(tmp, "results.md"), "w") as f:
             f.write(markdown(root))
+        with open(os.path.join(tmp, "results.json"), "w") as f:
+            json.dump(results_json(root), f, indent=2, default=str)
         fs, path = storage.resolve(out)
         fs.create_dir(path, recursive=True)
-        for name in ["results.md", *names]:
+        for name in ["results.md", "results.json", *names]:
             pafs.copy_files(os.path.join(tmp, name), f"{path}/{name}", destination_filesystem=fs)
     return out

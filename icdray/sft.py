@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -31,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from icdray import distill, models, notes, prompts, storage
-from icdray.config import Config, SFTConfig
+from icdray import chat, layout, models, storage, training
+from icdray.config import Config, InputConfig, SFTConfig
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that do not count in the loss (prompt, padding)
@@ -48,58 +47,23 @@ class Example:
     hadm_id: int
 
 
-def _ids(encoded: Any) -> list[int]:
-    """Token ids from apply_chat_template, whichever shape this transformers version returns."""
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+def build_examples(
+    table: Any, tok: Any, cfg: SFTConfig, inputs: InputConfig
+) -> tuple[list[Example], list[Example], int]:
+    """Train and validation examples (validation held out by patient hash) and the number dropped.
 
-
-def encode(
-    tok: Any, note: str, medications: list[str], answer: str, max_len: int
-) -> tuple[list[int], list[int]] | None:
-    """Chat-templated prompt + answer; prompt tokens masked. Too long -> the note is re-cut the way
-    `prepare` cuts notes (low-value sections first); None if it still does not fit."""
-    budget = notes.count_tokens(note)
-    for _ in range(4):
-        messages = prompts.build_messages(note, medications)
-        prompt_ids = _ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-        full = _ids(
-            tok.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=True)
-        )
-        if (
-            full[: len(prompt_ids)] != prompt_ids
-        ):  # templates that rewrite the prompt: fall back to concatenation
-            full = prompt_ids + tok(answer + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
-        if len(full) <= max_len:
-            return list(full), [IGNORE] * len(prompt_ids) + list(full[len(prompt_ids) :])
-        over = len(full) - max_len
-        budget = max(32, int(budget - over * 1.2) - 16)
-        note = notes.prepare_note(note, max_tokens=budget).text
-    return None
-
-
-def encode_prompt(tok: Any, note: str, medications: list[str], max_len: int) -> list[int]:
-    """Chat-templated prompt ids (generation prompt added) within `max_len`: long notes are re-cut the way
-    `prepare` cuts them (low-value sections first), then hard-truncated as a last resort."""
-    budget = notes.count_tokens(note)
-    for _ in range(4):
-        messages = prompts.build_messages(note, medications)
-        ids = _ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-        if len(ids) <= max_len:
-            return ids
-        budget = max(32, int(budget - (len(ids) - max_len) * 1.2) - 16)
-        note = notes.prepare_note(note, max_tokens=budget).text
-    return ids[-max_len:]
-
-
-def build_examples(table: Any, tok: Any, cfg: SFTConfig) -> tuple[list[Example], list[Example], int]:
-    """Train and validation examples (validation held out by patient hash) and the number dropped."""
+    Prompt tokens are labelled IGNORE: only the answer is learned.
+    """
     train, val, dropped = [], [], 0
     for row in table.to_pylist():
-        enc = encode(tok, row["note"], row["medications"] or [], row["answer"], cfg.max_seq_len)
+        enc = chat.encode_example(
+            tok, row["note"], row["medications"], row["answer"], cfg.max_seq_len, inputs.thinking
+        )
         if enc is None:
             dropped += 1
             continue
-        ex = Example(enc[0], enc[1], row["hadm_id"])
+        ids, n_prompt = enc
+        ex = Example(ids, [IGNORE] * n_prompt + ids[n_prompt:], row["hadm_id"])
         is_val = zlib.crc32(f"val:{row['subject_id']}".encode()) / 2**32 < cfg.val_fraction
         (val if is_val else train).append(ex)
     return train, val, dropped
@@ -128,34 +92,6 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def lr_lambda(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 (multiplies the base learning rate)."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def ds_config(
-    zero_stage: int, offload: bool, dtype: str, micro_batch_size: int, grad_accum: int
-) -> dict[str, Any]:
-    """DeepSpeed config shared by the SFT and GRPO learners (the optimizer is passed in: torch AdamW)."""
-    zero: dict[str, Any] = {"stage": zero_stage}
-    if offload and zero_stage >= 1:
-        zero["offload_optimizer"] = {"device": "cpu"}
-        if zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": 1.0,
-        "zero_optimization": zero,
-        "bf16": {"enabled": dtype == "bfloat16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
 # ------------------------------------------------------------------------------------ train loop
 
 
@@ -173,7 +109,7 @@ def train_loop(config: dict[str, Any]) -> None:
     data = ray.get(config["data_ref"][0])
     train, val, pad_id = data["train"], data["val"], data["pad_id"]
 
-    model = models.trainable(config["model_path"], cfg)
+    model = training.trainable(config["model_path"], cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -182,13 +118,15 @@ def train_loop(config: dict[str, Any]) -> None:
     steps_per_epoch = max(1, len(train) // per_step)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     warmup = int(total * cfg.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: training.lr_lambda(s, total, warmup))
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # reuses Ray Train's group
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=ds_config(cfg.zero_stage, cfg.offload, cfg.dtype, cfg.micro_batch_size, cfg.grad_accum),
+        config=training.ds_config(
+            cfg.zero_stage, cfg.offload, cfg.dtype, cfg.micro_batch_size, cfg.grad_accum
+        ),
     )
     step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -233,7 +171,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "loss": sum(losses) / len(losses),
             "lr": scheduler.get_last_lr()[0],
             "tokens_per_s": tokens * world / max(1e-6, time.time() - t0),
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": training.peak_rss_mb(),
         }
         end_of_epoch = step % steps_per_epoch == 0 or step == total
         if end_of_epoch and val:
@@ -255,23 +193,6 @@ def train_loop(config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
     _export(engine, cfg, config, rank, history)
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def params_digest(module: Any) -> str:
-    """A hash of every parameter's bytes: equal digests = bit-identical weights."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _val_loss(engine: Any, val: list[Example], pad_id: int, batch: int, rank: int, world: int) -> float:
@@ -305,7 +226,7 @@ def _export(
     if gather:
         gather.__enter__()
     try:
-        digest = params_digest(engine.module)
+        digest = training.params_digest(engine.module)
         run_dir = Path(config["run_dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / f"rank-{rank}.sha256").write_text(digest)
@@ -392,21 +313,21 @@ def run(cfg: Config, output: str | None = None, run_name: str = "") -> SFTResult
     start = time.time()
     model_path = models.resolve(scfg.model)
     tok = AutoTokenizer.from_pretrained(model_path)
-    table = distill.read_exemplars(cfg.storage)
+    table = layout.read_exemplars(cfg.storage)
     if scfg.limit:
         table = table.sort_by("hadm_id").slice(0, scfg.limit)
-    train, val, dropped = build_examples(table, tok, scfg)
+    train, val, dropped = build_examples(table, tok, scfg, cfg.inputs)
     if len(train) < scfg.micro_batch_size * scfg.grad_accum * scfg.num_workers:
         raise ValueError(
             f"only {len(train)} training examples for {scfg.num_workers} workers x "
             f"{scfg.micro_batch_size * scfg.grad_accum} sequences per step: distill more notes"
         )
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    data_ref = ray.put({"train": train, "val": val, "pad_id": pad_id})
-    output = output or storage.join(cfg.storage, "checkpoints", "sft")
+    data_ref = ray.put({"train": train, "val": val, "pad_id": chat.pad_id(tok)})
+    where = layout.Layout(cfg.storage)
+    output = output or where.checkpoint("sft")
     if not storage.is_uri(output):
         output = os.path.abspath(output)  # Ray Train workers run in their own working directory
-    ray_root = storage.join(cfg.storage, "checkpoints", "_ray")
+    ray_root = where.ray_runs
     if not storage.is_uri(ray_root):
         ray_root = os.path.abspath(ray_root)
     threads = max(1, int(scfg.cpus_per_worker))

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from icdray import codes, evidence, prompts
+from icdray import codes, evidence, grammar, prompts
 from icdray.config import TeacherConfig
 
 DATA_USE_RULE = (
@@ -69,10 +69,19 @@ def estimate_tokens(text: str) -> int:
 
 
 class ReferenceTeacher:
-    """Writes the exemplar from the gold codes and the note itself: reproducible, offline, F1 = 1.0."""
+    """Writes the exemplar from the gold codes and the note itself: reproducible, offline, F1 = 1.0.
+
+    Each item is the note's own words for the code (found by `evidence.locate`: the description,
+    inclusion terms and clinicians' abbreviations), then the code; the principal diagnosis first (gold
+    codes come in seq_num order). The reasoning is one short line: the reason for admission and how
+    many other conditions were treated or monitored, not a restatement of the codes.
+    """
 
     backend = "reference"
-    model = "reference-v2"  # bump when the exemplar text changes: it is part of the cache key
+    model = "reference-v3"  # bump when the exemplar text changes: it is part of the cache key
+
+    def __init__(self, bounds: grammar.Bounds | None = None) -> None:
+        self.bounds = bounds or grammar.Bounds()
 
     def generate(
         self, note: str, medications: Sequence[str], gold: Sequence[str] | None, sample_index: int = 0
@@ -81,22 +90,21 @@ class ReferenceTeacher:
             raise ValueError(
                 "the reference teacher writes answers from gold codes; it cannot predict without them"
             )
-        items, lines = [], []
-        for code in dict.fromkeys(codes.normalize(c) for c in gold):
+        b = self.bounds
+        items = []
+        for code in list(dict.fromkeys(codes.normalize(c) for c in gold))[: b.max_codes]:
             span = evidence.locate(code, note)
-            quote = evidence.quote_around(note, span, max_chars=80) if span else ""
-            desc = codes.describe(code) or "documented diagnosis"
-            lines.append(f'- "{span.text}": {desc} -> {code}' if span else f"- {desc} (recorded) -> {code}")
-            items.append(prompts.CodeItem(code, quote))
-        meds = ", ".join(medications[:12]) if medications else "none recorded"
-        reasoning = "\n".join(
-            [
-                "Diagnoses present, treated or monitored this admission (negated findings and family history left out).",
-                f"Medications: {meds}.",
-                *lines,
-            ]
+            items.append(
+                prompts.CodeItem(
+                    code, grammar.clean_evidence(span.text if span else "", b.max_evidence_chars)
+                )
+            )
+        principal = codes.describe(items[0].code) if items else None
+        reasoning = (
+            f"Admitted for {(principal or 'the documented problem').lower()}; "
+            f"{max(0, len(items) - 1)} more conditions treated or monitored."
         )
-        text = prompts.render_answer(reasoning, items)
+        text = prompts.render_answer(grammar.clean_reasoning(reasoning, b.max_reasoning_chars), items)
         return TeacherReply(text, estimate_tokens(note), estimate_tokens(text), "STOP")
 
 
@@ -186,9 +194,9 @@ def sample_seed(note: str, sample_index: int) -> int:
     return zlib.crc32(f"{sample_index}:{note}".encode()) & 0x7FFFFFFF
 
 
-def make_teacher(cfg: TeacherConfig) -> Teacher:
+def make_teacher(cfg: TeacherConfig, bounds: grammar.Bounds | None = None) -> Teacher:
     if cfg.backend == "reference":
-        return ReferenceTeacher()
+        return ReferenceTeacher(bounds)
     if cfg.backend == "gemini":
         return GeminiTeacher(cfg)
     raise ValueError(f"unknown teacher.backend {cfg.backend!r}: use reference or gemini")

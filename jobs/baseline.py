@@ -1,4 +1,4 @@
-"""Ray job: TF-IDF baseline. `ray job submit --working-dir . -- python -m jobs.baseline --data STORAGE`."""
+"""Ray job: baselines (frequency prior, TF-IDF, encoder). `ray job submit --working-dir . -- python -m jobs.baseline --storage STORAGE`."""
 
 import sys
 

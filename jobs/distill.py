@@ -1,4 +1,4 @@
-"""Ray job: teacher distillation. `ray job submit --working-dir . -- python -m jobs.distill --data STORAGE`."""
+"""Ray job: teacher distillation. `ray job submit --working-dir . -- python -m jobs.distill --storage STORAGE`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Ray job: evaluate. `ray job submit --working-dir . -- python -m jobs.evaluate --data STORAGE ...`."""
+"""Ray job: evaluate. `ray job submit --working-dir . -- python -m jobs.evaluate --storage STORAGE ...`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Ray job: grpo. `ray job submit --working-dir . -- python -m jobs.grpo --data STORAGE ...`."""
+"""Ray job: grpo. `ray job submit --working-dir . -- python -m jobs.grpo --storage STORAGE ...`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Ray job: prepare. `ray job submit --working-dir . -- python -m jobs.prepare --mimic DIR --out STORAGE`."""
+"""Ray job: prepare. `ray job submit --working-dir . -- python -m jobs.prepare --mimic DIR --storage STORAGE`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Ray job: sft. `ray job submit --working-dir . -- python -m jobs.sft --data STORAGE ...`."""
+"""Ray job: sft. `ray job submit --working-dir . -- python -m jobs.sft --storage STORAGE ...`."""
 
 import sys
 

@@ -40,17 +40,17 @@ MAX_NOTE_CHARS = 100_000
 PAGE = Path(__file__).with_name("static") / "index.html"
 DEFAULTS: dict[str, Any] = {
     "checkpoint": "smollm2-135m",  # a checkpoint folder (checkpoints/grpo, checkpoints/sft) or a registry name
-    "engine": "vllm",  # vllm | hf
-    "constrained": True,  # codes limited to billable ICD-10-CM codes by a grammar (vllm engine only)
-    "max_new_tokens": 512,
+    "storage": "",  # the run's storage root: its label space (if restricted) and the feedback database
+    # the engine's settings (config.EngineConfig): backend vllm|hf, dtype, device, constrained, ...
+    "engine": {"backend": "vllm", "threads_bind": "auto", "threads": 1},
+    "max_new_tokens": 512,  # free (unconstrained) answers; constrained ones get the grammar's own budget
     "max_prompt_tokens": 2048,
-    "max_reasoning_chars": 1500,  # grammar bounds: an answer always closes before max_new_tokens
-    "max_evidence_chars": 200,
-    "max_codes": 40,
+    # grammar bounds (grammar.Bounds): every constrained answer closes within Bounds.worst_case_tokens()
+    "max_reasoning_chars": 300,
+    "max_evidence_chars": 60,
+    "max_codes": 25,
     "max_batch_size": 8,
     "batch_wait_timeout_s": 0.05,
-    "kv_cache_gb": 1,
-    "threads_bind": "auto",
 }
 
 
@@ -145,80 +145,81 @@ class Coder:
     def __init__(self) -> None:
         self.settings: dict[str, Any] = {}
         self.engine: Any = None
+        self.engine_key: Any = None
         self.tok: Any = None
-        self.grammar: str | None = None
+        self.max_tokens = 0
         self.stats = {"requests": 0, "batches": 0, "max_batch": 0, "codes": 0, "invalid_codes": 0}
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load (or reload) the model; called by Serve with the deployment's `user_config`."""
-        from icdray import grammar, models
-        from icdray.rollout import make_engine
+        from dataclasses import replace
+
+        from icdray import grammar, layout, models
+        from icdray.config import EngineConfig, from_dict
+        from icdray.engine import cpu_bind, make_engine
 
         unknown = set(user_config) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown user_config key(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
         new = {**DEFAULTS, **user_config}
-        if new["constrained"] and new["engine"] != "vllm":
-            raise ValueError("constrained decoding needs engine: vllm (or set constrained: false)")
+        engine_cfg = from_dict(EngineConfig, dict(new["engine"]), "engine")
+        if engine_cfg.constrained and engine_cfg.backend != "vllm":
+            raise ValueError(
+                "constrained decoding needs engine.backend vllm (or set engine.constrained: false)"
+            )
+        bounds = grammar.Bounds(new["max_reasoning_chars"], new["max_evidence_chars"], new["max_codes"])
+        space = layout.label_space(new["storage"]) if new["storage"] else None
+        constraint = grammar.constraint(space, bounds) if engine_cfg.constrained else None
+        max_tokens = constraint.max_tokens if constraint else int(new["max_new_tokens"])
+        engine_cfg = replace(
+            engine_cfg,
+            threads_bind=cpu_bind(engine_cfg.threads_bind),
+            max_model_len=max(engine_cfg.max_model_len, int(new["max_prompt_tokens"]) + max_tokens + 16),
+        )
         t = time.time()
         path = models.resolve(new["checkpoint"])
-        if self.engine is None or (new["checkpoint"], new["engine"], new["constrained"]) != (
-            self.settings.get("checkpoint"),
-            self.settings.get("engine"),
-            self.settings.get("constrained"),
-        ):
-            self.engine = make_engine(
-                new["engine"],
-                path,
-                {
-                    "structured": new["constrained"],
-                    "kv_cache_gb": new["kv_cache_gb"],
-                    "threads_bind": new["threads_bind"],
-                    "threads": 1,
-                    "max_model_len": new["max_prompt_tokens"] + new["max_new_tokens"] + 16,
-                },
-            )
+        key = (path, engine_cfg, constraint)
+        if self.engine is None or key != self.engine_key:
+            self.engine = make_engine(path, engine_cfg, constraint)
+            self.engine_key = key
             self.tok = self.engine.tok
-        self.grammar = (
-            grammar.answer_grammar(
-                max_reasoning_chars=new["max_reasoning_chars"],
-                max_evidence_chars=new["max_evidence_chars"],
-                max_codes=new["max_codes"],
-            )
-            if new["constrained"]
-            else None
-        )
+        self.max_tokens = max_tokens
         self.generate_batch.set_max_batch_size(int(new["max_batch_size"]))
         self.generate_batch.set_batch_wait_timeout_s(float(new["batch_wait_timeout_s"]))
-        self.settings = {**new, "model_path": path}
+        self.settings = {
+            **new,
+            "model_path": path,
+            "constrained": constraint is not None,
+            "max_tokens": max_tokens,
+        }
         log.info(
             "coder ready: %s (%s, constrained=%s) in %.1fs",
             path,
-            new["engine"],
-            new["constrained"],
+            engine_cfg.backend,
+            constraint is not None,
             time.time() - t,
         )
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate_batch(self, prompt_ids: list[list[int]]) -> list[str]:
-        from icdray.rollout import SamplingSpec
+        from icdray.engine import SamplingSpec
 
         self.stats["batches"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], len(prompt_ids))
-        spec = SamplingSpec(n=1, temperature=0.0, max_tokens=int(self.settings["max_new_tokens"]))
-        groups = await asyncio.to_thread(self.engine.generate, prompt_ids, spec, self.grammar)
+        spec = SamplingSpec(n=1, temperature=0.0, max_tokens=self.max_tokens)
+        groups = await asyncio.to_thread(self.engine.generate, prompt_ids, spec)
         return [g[0].text for g in groups]
 
     @api.post("/v1/code", response_model=CodeResponse)
     async def code(self, req: CodeRequest) -> CodeResponse:
-        from icdray import codes, evidence, prompts, sft
+        from icdray import chat, codes, evidence, prompts
 
         if not req.note.strip():
             raise RequestValidationError(
                 [{"loc": ("body", "note"), "msg": "note is blank", "type": "value_error"}]
             )
         t = time.time()
-        ids = sft.encode_prompt(
+        ids = chat.encode_prompt(
             self.tok, req.note, req.medications or [], int(self.settings["max_prompt_tokens"])
         )
         text = await self.generate_batch(ids)
@@ -257,7 +258,7 @@ class Coder:
             "model_path",
             "engine",
             "constrained",
-            "max_new_tokens",
+            "max_tokens",
             "max_batch_size",
             "batch_wait_timeout_s",
         )

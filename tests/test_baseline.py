@@ -1,11 +1,9 @@
 """The TF-IDF and sentence-encoder baselines train on train, tune on val, and are scored on test by the one
 scorer."""
 
-import json
-
 import pytest
 
-from icdray import baseline, metrics, prepare
+from icdray import baseline, layout, metrics, prepare, storage
 from icdray.config import BaselineConfig, PrepareConfig
 
 
@@ -17,27 +15,35 @@ def prepared(ray_session, demo_root, tmp_path_factory):
 
 
 @pytest.mark.parametrize("features", ["tfidf", "encoder"])
-def test_baseline_beats_frequency_prior_and_writes_metrics(prepared, tmp_path, features):
-    result = baseline.run(BaselineConfig(encoder_max_windows=2), prepared, str(tmp_path), features)
+def test_baseline_beats_frequency_prior_and_writes_metrics(prepared, features):
+    result = baseline.run(BaselineConfig(encoder_max_windows=2), prepared, features)
     name = "tfidf-logreg" if features == "tfidf" else "encoder-minilm-logreg"
-    saved = json.loads((tmp_path / f"{name}.json").read_text())
-    assert saved["metrics"] == pytest.approx(result["metrics"])
+    saved = storage.read_json(layout.Layout(prepared).report(name))
+    assert saved["metrics"] == pytest.approx(result["metrics"]) and saved["role"] == "baseline"
     m = result["metrics"]
-    assert {"sample_f1", "micro_f1", "macro_f1", "invalid_rate", "p_at_8", "rare_micro_f1"} <= set(m)
+    assert {"sample_f1", "micro_f1", "macro_f1", "invalid_rate", "rare_micro_f1"} <= set(
+        m
+    ) and "p_at_8" in result
     # a baseline that reads the note must beat predicting the k most frequent training codes
-    train = prepare.read_split(prepared, "train", ["codes"])["codes"].to_pylist()
-    test = prepare.read_split(prepared, "test", ["codes"])["codes"].to_pylist()
-    freq = metrics.code_frequencies(train)
-    k = round(sum(map(len, train)) / len(train))
-    prior = [sorted(freq, key=freq.get, reverse=True)[:k]] * len(test)
-    assert m["sample_f1"] > metrics.score(prior, test)["sample_f1"] + 0.1
+    prior = baseline.run(BaselineConfig(), prepared, "prior")
+    assert result["sample_f1"] > prior["sample_f1"] + 0.1
     assert m["invalid_rate"] == 0.0 and m["empty_rate"] == 0.0
     assert 0.05 <= result["threshold"] <= 0.9
 
 
+def test_frequency_prior_is_tuned_on_val(prepared):
+    prior = baseline.run(BaselineConfig(), prepared, "prior")
+    train = layout.read_split(prepared, "train", ["codes"])["codes"].to_pylist()
+    val = layout.read_split(prepared, "val", ["codes"])["codes"].to_pylist()
+    freq = metrics.code_frequencies(train)
+    ranked = sorted(freq, key=lambda c: (-freq[c], c))
+    best = max(range(1, 41), key=lambda k: (metrics.score([ranked[:k]] * len(val), val)["sample_f1"], -k))
+    assert prior["k"] == best and prior["codes"] == ranked[:best] and prior["role"] == "prior"
+
+
 def test_baseline_needs_prepared_data(tmp_path):
     with pytest.raises(FileNotFoundError, match="icdray prepare"):
-        baseline.run(BaselineConfig(), str(tmp_path), str(tmp_path / "reports"))
+        baseline.run(BaselineConfig(), str(tmp_path))
 
 
 def test_encoder_embeds_with_the_real_minilm():

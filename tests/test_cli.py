@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_config_overrides_and_errors(tmp_path):
-    cfg = load_config(ROOT / "configs/default.yaml", ["prepare.max_note_tokens=123", "storage=s3://b/x"])
+    cfg = load_config(ROOT / "configs/demo.yaml", ["prepare.max_note_tokens=123", "storage=s3://b/x"])
     assert cfg.prepare.max_note_tokens == 123 and cfg.storage == "s3://b/x"
-    assert load_config(None) == load_config(ROOT / "configs/default.yaml")  # the file spells out the defaults
+    assert load_config(None) == load_config(ROOT / "configs/demo.yaml")  # the file spells out the defaults
     with pytest.raises(ValueError, match="unknown key"):
         load_config(None, ["prepare.max_tokens=1"])
     with pytest.raises(ValueError, match="must be a number"):
@@ -40,7 +40,7 @@ def test_prepare_job_module_reports_missing_input(tmp_path):
             "jobs.prepare",
             "--mimic",
             str(tmp_path / "none"),
-            "--out",
+            "--storage",
             str(tmp_path / "s"),
             "--set",
             "ray.num_cpus=1",
@@ -53,6 +53,71 @@ def test_prepare_job_module_reports_missing_input(tmp_path):
     )
     assert proc.returncode == 2
     assert "not found" in proc.stderr and "MIMIC-IV root" in proc.stderr
+    assert "Traceback" not in proc.stderr and "-v" in proc.stderr  # what to do, and how to see more
+
+
+def test_verbose_errors_show_the_stack_trace(tmp_path, capsys):
+    assert main(["-v", "prepare", "--mimic", str(tmp_path / "none"), "--storage", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "MIMIC-IV root" in err
+
+
+def _plan(*args: str) -> dict:
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "icdray.cli", "pipeline", "--plan", "--json", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {s["name"]: s for s in json.loads(proc.stdout)["stages"]}
+
+
+def test_plan_shows_the_profiles_own_numbers(tmp_path):
+    import yaml
+
+    gpu_file = yaml.safe_load((ROOT / "configs/gpu.yaml").read_text())
+    gpu = _plan("--config", "configs/gpu.yaml", "--storage", str(tmp_path / "g"))
+    assert list(gpu) == [
+        "prepare",
+        "distill",
+        "baseline",
+        "sft",
+        "grpo",
+        "evaluate",
+        "report",
+    ]  # no demo data
+    assert all(s["status"] == "todo" for s in gpu.values())
+    sft, g = gpu["sft"]["settings"], gpu["grpo"]["settings"]
+    assert sft["model"] == gpu_file["sft"]["model"] and sft["workers"] == gpu_file["sft"]["num_workers"]
+    assert sft["gpus"] == gpu_file["sft"]["num_workers"] and sft["examples"] == "all"
+    assert (
+        g["steps"] == gpu_file["grpo"]["steps"]
+        and g["rollout_workers"] == gpu_file["grpo"]["rollout_workers"]
+    )
+    assert g["learner_workers"] == gpu_file["grpo"]["learner_workers"] and g["group_size"] == 8
+    assert gpu["evaluate"]["settings"]["notes"] == "all"  # a real run scores the whole test split
+    demo = _plan("--storage", str(tmp_path / "d"))  # the default profile is the demo's
+    defaults = load_config(ROOT / "configs/demo.yaml")
+    assert (
+        "demo-data" in demo
+        and demo["demo-data"]["settings"]["admissions"] == defaults.prepare.demo_admissions
+    )
+    assert demo["sft"]["settings"]["model"] == defaults.sft.model
+    assert demo["sft"]["settings"]["steps"] == defaults.sft.max_steps
+    assert demo["grpo"]["settings"]["steps"] == defaults.grpo.steps
+    assert demo["evaluate"]["settings"]["notes"] == defaults.evaluate.limit
+    assert demo["sft"]["settings"]["output"] == str(tmp_path / "d" / "checkpoints" / "sft")
+
+
+def test_a_profile_without_mimic_data_stops_with_the_key_to_set(tmp_path, capsys):
+    assert main(["pipeline", "--config", str(ROOT / "configs/gpu.yaml"), "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "prepare.mimic" in err and "MIMIC-IV root" in err
+    assert not (tmp_path / "mimic-demo").exists()  # no synthetic notes unless the profile asks for them
 
 
 def _free_port() -> int:
@@ -65,45 +130,72 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_demo_end_to_end_in_a_subprocess(tmp_path):
-    """`icdray demo` as `make demo` runs it: data -> prepare -> distill -> baseline -> SFT -> GRPO -> evaluate -> serve."""
+    """`icdray demo` as `make demo` runs it, at tiny scale: every stage, the report, then serving."""
     exe = Path(sys.executable).with_name("icdray")
+    tiny = [
+        "prepare.demo_admissions=300",
+        "prepare.top_k_codes=50",
+        "ray.object_store_mb=200",
+        "baseline.encoder=false",
+        "sft.model=tiny",
+        "sft.max_steps=2",
+        "sft.limit=8",
+        "grpo.steps=2",
+        "grpo.max_new_tokens=16",
+        "answer.max_codes=3",
+        "answer.max_reasoning_chars=16",
+        "answer.max_evidence_chars=12",
+        "evaluate.limit=3",
+        "evaluate.max_new_tokens=16",
+    ]
     proc = subprocess.run(
         [
             str(exe),
             "demo",
             "--storage",
             str(tmp_path),
-            "--set",
-            "demo.admissions=300",
-            "--set",
-            "ray.object_store_mb=200",
-            # the demo's LLM stages at test scale: the tiny model, 2 steps, 2 short answers per model
-            *("--set", "sft.model=tiny", "--set", "demo.sft_steps=2", "--set", "demo.sft_examples=8"),
-            *("--set", "demo.eval_notes=2", "--set", "demo.eval_max_new_tokens=16"),
-            *("--set", "demo.grpo_steps=2", "--set", "demo.grpo_max_new_tokens=16"),
-            *("--port", str(_free_port())),
+            *(x for s in tiny for x in ("--set", s)),
+            "--port",
+            str(_free_port()),
         ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         env={**os.environ, "RAY_ADDRESS": ""},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| tfidf-logreg |" in proc.stdout and "sample_f1" in proc.stdout
-    assert (tmp_path / "reports/tfidf-logreg.json").exists()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "prompts/train").is_dir() and (tmp_path / "prompts/_report.json").exists()
     assert (tmp_path / "exemplars/part-0.parquet").exists() and "kept" in proc.stdout
     assert (tmp_path / "checkpoints/sft/config.json").exists()
-    assert "| base-tiny |" in proc.stdout and "| sft-tiny |" in proc.stdout
-    assert (tmp_path / "reports/sft-tiny.json").exists()
     assert "[grpo] step 2/2" in proc.stdout and (tmp_path / "checkpoints/grpo/model.safetensors").exists()
-    assert "| sft+grpo-tiny |" in proc.stdout and (tmp_path / "reports/sft+grpo-tiny.json").exists()
+    import json
+
+    data = json.loads((tmp_path / "reports/results.json").read_text())
+    rows = {r["model"]: r for r in data["rows"]}
+    assert {
+        "frequency-prior",
+        "tfidf-logreg",
+        "base-tiny",
+        "base-tiny-free",
+        "sft-tiny",
+        "sft+grpo-tiny",
+    } <= set(rows)
+    assert all(r["label_space"] == "top-50" for r in rows.values())
+    assert rows["sft+grpo-tiny"]["constrained"] is True and rows["sft+grpo-tiny-free"]["constrained"] is False
+    assert (
+        rows["sft-tiny"]["invalid_rate"] == 0.0 and rows["sft-tiny"]["format_ok_rate"] == 1.0
+    )  # the grammar
+    assert {(c["a"], c["b"]) for c in data["comparisons"]} >= {
+        ("base-tiny", "sft-tiny"),
+        ("sft-tiny", "sft+grpo-tiny"),
+    }
     results = (tmp_path / "reports/results.md").read_text()
     assert (
-        results.index("| tfidf-logreg |")
+        results.index("| frequency-prior |")
         < results.index("| base-tiny |")
         < results.index("| sft+grpo-tiny |")
     )
-    assert (tmp_path / "reports/sample_f1.png").exists() and (tmp_path / "reports/grpo_curves.png").exists()
+    for png in ("sample_f1.png", "grpo_curves.png", "sft_loss.png"):
+        assert (tmp_path / "reports" / png).exists()
     assert "POST http://127.0.0.1:" in proc.stdout and "coder page: http://127.0.0.1:" in proc.stdout

@@ -95,6 +95,9 @@ def _check_serve_config(cfg: dict) -> None:
     (dep,) = app["deployments"]
     assert dep["name"] == "Coder"
     assert set(dep["user_config"]) <= set(DEFAULTS)
+    from icdray.config import EngineConfig, from_dict
+
+    from_dict(EngineConfig, dep["user_config"].get("engine", {}), "engine")  # unknown engine keys would raise
 
 
 def test_serve_config_matches_the_app():
@@ -108,6 +111,11 @@ def test_runtime_env_and_gpu_profile():
     gpu = load_config(ROOT / "configs" / "gpu.yaml")  # unknown keys would raise
     assert gpu.grpo.use_gpu and gpu.grpo.rollout_workers > 1 and gpu.grpo.rollout_gpus == 1
     assert gpu.sft.zero_stage == 3 and gpu.sft.use_gpu
+    assert (
+        gpu.grpo.engine.device == "cuda"
+        and gpu.grpo.engine.dtype == "bfloat16"
+        and not gpu.grpo.engine.enforce_eager
+    )
     text = (ROOT / "benchmarks" / "gpu_smoke.sh").read_text()
     for stage in re.findall(r"^icdray (\S+)", text, re.M):
         assert (ROOT / "jobs" / f"{stage.replace('-', '_')}.py").exists(), stage
@@ -164,7 +172,7 @@ def test_jobs_on_a_multi_node_cluster(local_cluster, tmp_path):
         "prepare",
         "--mimic",
         str(mimic),
-        "--out",
+        "--storage",
         str(store),
         "--set",
         "prepare.batch_size=16",
@@ -174,12 +182,12 @@ def test_jobs_on_a_multi_node_cluster(local_cluster, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "SUCCEEDED" in out.stdout and (store / "prompts" / "train").is_dir()
     # a tiny SFT job with two Ray Train workers of 1 CPU each: no node has 2 CPUs, so they run on two nodes
-    out = _submit(local_cluster, "distill", "--data", str(store), "--set", "teacher.limit=8")
+    out = _submit(local_cluster, "distill", "--storage", str(store), "--set", "teacher.limit=8")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     out = _submit(
         local_cluster,
         "sft",
-        "--data",
+        "--storage",
         str(store),
         *("--set", "sft.model=tiny", "--set", "sft.num_workers=2", "--set", "sft.cpus_per_worker=1"),
         *("--set", "sft.max_steps=2", "--set", "sft.limit=8", "--set", "sft.grad_accum=1"),
@@ -195,7 +203,7 @@ def test_jobs_on_a_multi_node_cluster(local_cluster, tmp_path):
     out = _submit(
         local_cluster,
         "grpo",
-        "--data",
+        "--storage",
         str(store),
         *("--set", "grpo.model=tiny", "--set", "grpo.steps=2", "--set", "grpo.prompts_per_step=2"),
         *("--set", "grpo.max_new_tokens=8", "--set", "grpo.val_every=0", "--set", "grpo.rollout_workers=2"),
@@ -207,7 +215,8 @@ def test_jobs_on_a_multi_node_cluster(local_cluster, tmp_path):
             "--set",
             "grpo.reward_cpus=0.25",
         ),
-        *("--set", "grpo.vllm_threads_bind=auto", "--set", "grpo.max_prompt_tokens=512"),
+        *("--set", "grpo.engine.threads_bind=auto", "--set", "inputs.max_prompt_tokens=512"),
+        *("--set", "grpo.extra_draws=0"),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "[grpo] step 2/2" in out.stdout
@@ -218,7 +227,7 @@ def test_jobs_on_a_multi_node_cluster(local_cluster, tmp_path):
 @pytest.mark.slow
 def test_a_failing_job_returns_failed_with_its_log(local_cluster, tmp_path):
     out = _submit(
-        local_cluster, "prepare", "--mimic", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")
+        local_cluster, "prepare", "--mimic", str(tmp_path / "nowhere"), "--storage", str(tmp_path / "x")
     )
     assert out.returncode == 1
     assert "FAILED" in out.stdout and "not found" in out.stdout  # the job's own error message, streamed

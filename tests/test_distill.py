@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from icdray import distill, metrics, prepare, prompts, teacher
+from icdray import distill, layout, metrics, prepare, prompts, teacher
 from icdray.config import load_config
 from icdray.testing import gemini_server as gs
 
@@ -34,9 +35,7 @@ def store(ray_session, demo_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def notes(store):
     return (
-        prepare.read_split(store, "train", ["hadm_id", "note", "medications", "codes"])
-        .slice(0, N)
-        .to_pylist()
+        layout.read_split(store, "train", ["hadm_id", "note", "medications", "codes"]).slice(0, N).to_pylist()
     )
 
 
@@ -128,7 +127,7 @@ def test_failure_modes_are_retried_recorded_and_filtered(store, notes, api_key, 
     first = next(v for v in by_key.values() if v[0].status == 429)
     assert len(first) == 2 and first[1].t - first[0].t >= 1.0
     # kept exemplars parse cleanly, agree with gold, and carry their provenance
-    ex = distill.read_exemplars(str(store_copy)).to_pylist()
+    ex = layout.read_exemplars(str(store_copy)).to_pylist()
     assert len(ex) == N - 4
     for row in ex:
         answer = prompts.parse_answer(row["answer"])
@@ -151,7 +150,7 @@ def test_guard_refuses_before_any_call(store, api_key):
             distill.run(cfg)
         assert server.calls == []
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.distill", "--data", store, "--teacher", "gemini"],
+        [sys.executable, "-m", "jobs.distill", "--storage", store, "--teacher", "gemini"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -166,7 +165,7 @@ def test_reference_teacher_exemplars_are_exact(store, tmp_path):
     shutil.copytree(store, tmp_path / "s")
     summary = distill.run(load_config(None, [f"storage={tmp_path / 's'}", "teacher.limit=40"]))
     assert summary.kept == 40 and summary.rejected == 0 and summary.failed == 0
-    ex = distill.read_exemplars(str(tmp_path / "s")).to_pylist()
+    ex = layout.read_exemplars(str(tmp_path / "s")).to_pylist()
     for row in ex:
         answer = prompts.parse_answer(row["answer"])
         assert answer.clean  # no flag at all
@@ -180,6 +179,13 @@ def test_reference_teacher_exemplars_are_exact(store, tmp_path):
     # a second run with the same config is served from the cache: no new call
     again = distill.run(load_config(None, [f"storage={tmp_path / 's'}", "teacher.limit=40"]))
     assert again.cached_before == 40 and again.calls == 0 and again.kept == 40
+    # a cache file that cannot be read is counted and its call made again, not treated as missing forever
+    broken = sorted((tmp_path / "s/exemplars/_cache").glob("*.json"))[0]
+    broken.write_text('{"key": "trunc')
+    third = distill.run(load_config(None, [f"storage={tmp_path / 's'}", "teacher.limit=40"]))
+    assert third.unreadable_cache == 1 and third.cached_before == 39 and third.calls == 1 and third.kept == 40
+    assert "1 unreadable cache files called again" in third.format()
+    assert json.loads(broken.read_text())["status"] == "ok"  # rewritten by the repeated call
 
 
 @pytest.mark.slow
@@ -188,7 +194,7 @@ def test_killed_run_resumes_without_repeating_answered_calls(store, notes, tmp_p
 
     shutil.copytree(store, tmp_path / "s")
     n = 40
-    oracle_notes = prepare.read_split(store, "train", ["hadm_id", "note", "medications", "codes"]).slice(0, n)
+    oracle_notes = layout.read_split(store, "train", ["hadm_id", "note", "medications", "codes"]).slice(0, n)
     oracle = Oracle(oracle_notes.to_pylist(), {})
 
     def slow(req: gs.Request) -> gs.Reply:
@@ -201,7 +207,7 @@ def test_killed_run_resumes_without_repeating_answered_calls(store, notes, tmp_p
             sys.executable,
             "-m",
             "jobs.distill",
-            "--data",
+            "--storage",
             str(tmp_path / "s"),
             "--teacher",
             "gemini",

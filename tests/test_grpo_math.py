@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from icdray import grpo
+from icdray.grpo import algo as grpo
 
 
 def test_group_advantages_by_hand():
@@ -64,3 +64,21 @@ def test_gradient_pushes_toward_positive_advantage():
     out = grpo.policy_loss(lp, lp.detach(), torch.tensor([1.0, -1.0]), torch.ones(2, 3))
     out.loss.backward()
     assert logits.grad[0, 0] < 0 < logits.grad[1, 0]  # descent raises the good sample's token, lowers the bad
+
+
+def test_truncated_importance_weights_and_token_weights():
+    learner_lp = torch.tensor([[-1.0, -2.0, -0.5]])
+    sampler_lp = torch.tensor([[-1.0, -3.0, -0.1]])
+    w = grpo.tis_weights(learner_lp, sampler_lp, cap=2.0)
+    want = torch.tensor(
+        [[1.0, min(2.0, float(torch.exp(torch.tensor(1.0)))), float(torch.exp(torch.tensor(-0.4)))]]
+    )
+    assert torch.allclose(w, want)  # exp(1) = 2.72 is capped at 2
+    lp = learner_lp.clone().requires_grad_(True)
+    mask = torch.ones(1, 3)
+    plain = grpo.policy_loss(lp, lp.detach(), torch.tensor([1.0]), mask)
+    weighted = grpo.policy_loss(lp, lp.detach(), torch.tensor([1.0]), mask, token_weights=w)
+    # ratio 1 everywhere: the per-token term is -A, so the weighted loss is -mean(w)
+    assert plain.loss.item() == pytest.approx(-1.0) and weighted.loss.item() == pytest.approx(
+        -float(w.mean())
+    )

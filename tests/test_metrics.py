@@ -261,3 +261,32 @@ def test_hierarchical_f1_by_hand() -> None:
     s = metrics.score([["I10", "E11.9"]], [["I10", "E11.65"]])
     assert s["hierarchical_f1"] == pytest.approx(5 / 6) and s["micro_f1"] == pytest.approx(0.5)
     assert metrics.score([["J18.9"]], [["I10"]])["hierarchical_f1"] == 0.0
+
+
+def test_bootstrap_matches_a_hand_computation():
+    import numpy as np
+
+    values = [0.0, 0.5, 1.0, 0.25, 0.75]
+    lo, hi = metrics.bootstrap_ci(values, iters=400, seed=3)
+    rng = np.random.default_rng(3)  # the same draws, by hand: 200 resamples at a time
+    means = []
+    for _ in range(2):
+        idx = rng.integers(0, 5, size=(200, 5))
+        means += [sum(values[i] for i in row) / 5 for row in idx]
+    means.sort()
+    assert (lo, hi) == pytest.approx((means[int(0.025 * 399)], means[int(np.ceil(0.975 * 399))]))
+    assert lo < sum(values) / 5 < hi
+
+
+def test_paired_bootstrap_sees_a_consistent_gain_that_unpaired_noise_would_hide():
+    import random
+
+    rng = random.Random(0)
+    a = [rng.random() for _ in range(60)]  # widely spread per-admission scores
+    b = [x + 0.05 for x in a]  # the same admissions, each 0.05 better
+    delta, lo, hi = metrics.paired_bootstrap(a, b)
+    assert delta == pytest.approx(0.05) and lo == pytest.approx(0.05) and hi == pytest.approx(0.05)
+    ua, ub = metrics.bootstrap_ci(a), metrics.bootstrap_ci(b)
+    assert ua[1] > ub[0]  # the two unpaired intervals overlap
+    with pytest.raises(ValueError, match="aligned"):
+        metrics.paired_bootstrap([1.0], [1.0, 2.0])

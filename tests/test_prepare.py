@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
-from icdray import prepare
+from icdray import layout, prepare
 from icdray.config import PrepareConfig
 
 
@@ -57,7 +57,7 @@ def test_counts_per_reason_and_nothing_else_lost(ray_session, corrupted, tmp_pat
     assert sum(report.kept.values()) == n_notes - sum(expected.values())
     dropped = pads.dataset(tmp_path / "prompts/_dropped").to_table()
     assert dropped.num_rows == sum(expected.values()) and "text" not in dropped.column_names
-    splits = {s: prepare.read_split(str(tmp_path), s) for s in prepare.SPLITS}
+    splits = {s: layout.read_split(str(tmp_path), s) for s in layout.SPLITS}
     assert {s: t.num_rows for s, t in splits.items()} == report.kept
     # patient-level split: no patient in two splits
     subjects = {s: set(t["subject_id"].to_pylist()) for s, t in splits.items()}
@@ -77,11 +77,11 @@ def test_ray_and_pandas_give_identical_output(ray_session, demo_root, tmp_path):
     cfg = PrepareConfig(batch_size=100, max_note_tokens=500)
     prepare.run(cfg, str(tmp_path / "ray"), demo_root)
     prepare.run_pandas(cfg, str(tmp_path / "pd"), demo_root)
-    for split in prepare.SPLITS:
-        a = prepare.read_split(str(tmp_path / "ray"), split)
-        b = prepare.read_split(str(tmp_path / "pd"), split)
+    for split in layout.SPLITS:
+        a = layout.read_split(str(tmp_path / "ray"), split)
+        b = layout.read_split(str(tmp_path / "pd"), split)
         assert a.num_rows > 0 and a.select(b.column_names).equals(b)
-    assert any(prepare.read_split(str(tmp_path / "ray"), "train")["truncated"].to_pylist())
+    assert any(layout.read_split(str(tmp_path / "ray"), "train")["truncated"].to_pylist())
 
 
 def test_keep_flag_split_file_and_uri_storage(ray_session, demo_root, tmp_path):
@@ -95,7 +95,7 @@ def test_keep_flag_split_file_and_uri_storage(ray_session, demo_root, tmp_path):
     report = prepare.run(cfg, f"file://{tmp_path}/store", demo_root)
     assert report.kept["val"] == 0 and report.kept["train"] > 0 and report.kept["test"] > 0
     assert report.dropped["discharge"]["not_in_split_file"] <= 5
-    train = prepare.read_split(f"file://{tmp_path}/store", "train")
+    train = layout.read_split(f"file://{tmp_path}/store", "train")
     wanted = set(given.hadm_id[given.split == "train"])
     assert set(train["hadm_id"].to_pylist()) <= wanted
     assert all("Discharge Diagnosis:" in n for n in train["note"].to_pylist())
@@ -104,3 +104,34 @@ def test_keep_flag_split_file_and_uri_storage(ray_session, demo_root, tmp_path):
 def test_missing_input_is_a_clear_error(ray_session, tmp_path):
     with pytest.raises(FileNotFoundError, match="MIMIC-IV root"):
         prepare.run(PrepareConfig(), str(tmp_path / "out"), str(tmp_path / "nowhere"))
+
+
+def test_top_k_label_space(ray_session, demo_root, tmp_path):
+    from collections import Counter
+
+    full = str(tmp_path / "full")
+    prepare.run(PrepareConfig(), full, demo_root)
+    counts = Counter(c for cs in layout.read_split(full, "train", ["codes"])["codes"].to_pylist() for c in cs)
+    top = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]]
+    store = str(tmp_path / "top")
+    report = prepare.run(PrepareConfig(top_k_codes=10), store, demo_root)
+    assert report.label_space == "top-10" and layout.label_space_name(store) == "top-10"
+    assert layout.label_space(store) == top  # the train split's 10 most frequent codes, in order
+    kept, dropped = 0, report.dropped["discharge"].get("no_label_space_codes", 0)
+    for split in layout.SPLITS:
+        before = layout.read_split(full, split)
+        after = layout.read_split(store, split)
+        kept += after.num_rows
+        by_id = dict(zip(before["hadm_id"].to_pylist(), before["codes"].to_pylist(), strict=True))
+        for h, cs, all_cs in zip(
+            after["hadm_id"].to_pylist(),
+            after["codes"].to_pylist(),
+            after["all_codes"].to_pylist(),
+            strict=True,
+        ):
+            assert (
+                all_cs == by_id[h] and cs == [c for c in by_id[h] if c in top] and cs
+            )  # order kept, none empty
+    # every admission is either kept with label-space codes or dropped with the reason
+    assert kept + dropped == sum(layout.read_split(full, s).num_rows for s in layout.SPLITS)
+    assert report.notes_in == sum(report.kept.values()) + sum(report.dropped["discharge"].values())

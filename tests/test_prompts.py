@@ -50,8 +50,17 @@ def test_version_and_system_prompt() -> None:
     assert prompts.PROMPT_VERSION
     assert len(prompts.SYSTEM_PROMPT) < 1500
     lowered = prompts.SYSTEM_PROMPT.lower()
-    for phrase in ("icd-10-cm", "<reasoning>", "<answer>", "verbatim", "family history", "billable"):
+    for phrase in (
+        "icd-10-cm",
+        "<reasoning>",
+        "<answer>",
+        "copied from the note",
+        "family history",
+        "principal",
+    ):
         assert phrase in lowered
+    # evidence before code in the instructions, as the answer and the grammar write it
+    assert lowered.index('"evidence"') < lowered.index('"code"')
 
 
 def test_round_trip_plain() -> None:
@@ -90,6 +99,8 @@ def test_render_answer_shape() -> None:
             {"code": "E11.9", "evidence": "DM2 on metformin"},
         ]
     }
+    # each item writes its evidence first: the model picks the code from the phrase it just copied
+    assert body.index('"evidence"') < body.index('"code"')
 
 
 def test_no_answer_block() -> None:
@@ -365,7 +376,7 @@ def test_build_messages_with_medications() -> None:
     assert note in user
     assert "- metformin 500 mg PO BID\n- lisinopril 10 mg" in user
     assert "(none recorded)" not in user
-    assert "<answer>" in user
+    assert user.endswith("- lisinopril 10 mg")  # the format lives in the system prompt only
 
 
 @pytest.mark.parametrize("meds", [(), [], ["", "  "]])

@@ -2,7 +2,9 @@
 
 import pytest
 
-from icdray import prompts, reward
+from icdray import prompts
+from icdray.config import RewardConfig
+from icdray.grpo import rewards as reward
 
 NOTE = "Ms. ___ with HTN and acute kidney injury, on lisinopril. History of type 2 diabetes on metformin."
 GOLD = ["I10", "N17.9", "E11.9"]
@@ -29,7 +31,8 @@ def score(completion):
 def test_perfect_answer_gets_everything():
     total, parts = score(PERFECT)
     assert parts == {"format": 1.0, "code_f1": 1.0, "hierarchy": 1.0, "invalid": 0.0, "evidence": 1.0}
-    assert total == pytest.approx(sum(reward.DEFAULT_WEIGHTS.values()) - reward.DEFAULT_WEIGHTS["invalid"])
+    weights = RewardConfig().weights()
+    assert total == pytest.approx(sum(v for k, v in weights.items() if k not in ("invalid", "length")))
 
 
 def test_near_miss_earns_hierarchy_credit_but_not_f1():

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from icdray import distill, models, prepare, prompts, sft
-from icdray.config import PrepareConfig, load_config
+from icdray import chat, distill, layout, models, prepare, sft
+from icdray.config import InputConfig, PrepareConfig, load_config
 
 BASE = [
     "sft.model=tiny",
@@ -52,17 +52,13 @@ def _rank_digests(store: str, name: str) -> set[str]:
 
 def test_prompt_tokens_are_masked_and_do_not_count(store):
     model, tok = models.load("tiny")
-    row = distill.read_exemplars(store).to_pylist()[0]
-    ids, labels = sft.encode(tok, row["note"], row["medications"], row["answer"], 4096)
-    prompt_len = len(
-        sft._ids(
-            tok.apply_chat_template(
-                prompts.build_messages(row["note"], row["medications"]),
-                add_generation_prompt=True,
-                tokenize=True,
-            )
-        )
-    )
+    row = layout.read_exemplars(store).to_pylist()[0]
+    table = layout.read_exemplars(store).slice(0, 1)
+    scfg = load_config(None, ["sft.max_seq_len=4096"]).sft
+    (ex,), _, dropped = sft.build_examples(table, tok, scfg, InputConfig())
+    ids, labels = ex.input_ids, ex.labels
+    prompt_len = len(chat.encode_prompt(tok, row["note"], row["medications"], 10**6))
+    assert dropped == 0
     assert labels[:prompt_len] == [sft.IGNORE] * prompt_len
     assert labels[prompt_len:] == ids[prompt_len:] and len(ids) > prompt_len
     batch = sft.collate([sft.Example(ids, labels, 0)], tok.pad_token_id)

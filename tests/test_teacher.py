@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from icdray import teacher
+from icdray import prompts, teacher
 from icdray.config import TeacherConfig
 
 
@@ -100,4 +100,20 @@ def test_reference_teacher_needs_gold():
     with pytest.raises(ValueError, match="gold"):
         teacher.ReferenceTeacher().generate("note", [], None)
     reply = teacher.ReferenceTeacher().generate("Patient with HTN and AKI.", ["Lisinopril"], ["I10", "N179"])
-    assert '"code": "N17.9"' in reply.text and '"evidence": "Patient with HTN and AKI."' in reply.text
+    # each item: the note's own short phrase for the code, then the code; the principal first
+    assert '{"evidence": "HTN", "code": "I10"}, {"evidence": "AKI", "code": "N17.9"}' in reply.text
+    ans = prompts.parse_answer(reply.text)
+    assert ans.clean and ans.codes == ["I10", "N17.9"]
+    assert ans.reasoning.startswith("Admitted for essential (primary) hypertension")
+    assert "1 more conditions" in ans.reasoning
+
+
+def test_reference_teacher_stays_within_the_grammar_bounds():
+    from icdray import grammar
+
+    bounds = grammar.Bounds(max_reasoning_chars=30, max_evidence_chars=3, max_codes=1)
+    note = "Patient with acute kidney injury and HTN."
+    reply = teacher.ReferenceTeacher(bounds).generate(note, [], ["N179", "I10"])
+    ans = prompts.parse_answer(reply.text)
+    assert ans.codes == ["N17.9"]  # at most max_codes, the principal kept
+    assert len(ans.reasoning) <= 30 and all(len(i.evidence) <= 3 for i in ans.items)

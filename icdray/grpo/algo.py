@@ -1,4 +1,4 @@
-"""GRPO math as pure tensor functions: group-relative advantages and the clipped policy loss.
+"""GRPO math as pure tensor functions: group-relative advantages, the clipped policy loss, TIS weights.
 
 No Ray, no models: the controller and the learner call these, and tests check them against hand
 computations and TRL's published formulas.
@@ -47,6 +47,15 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def tis_weights(learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (veRL/TRL's TIS): min(pi_learner / pi_sampler, cap) per token, (B, T).
+
+    Corrects for a sampler whose numerics differ from the learner's (bf16 vLLM vs the training model):
+    the samples come from pi_sampler, the objective is written for pi_learner.
+    """
+    return torch.exp(learner_logprobs.detach() - sampler_logprobs).clamp(max=cap)
+
+
 @dataclass(frozen=True)
 class LossOut:
     loss: torch.Tensor  # scalar, differentiable
@@ -66,14 +75,21 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     loss_type: str = "token",
     max_completion_length: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> LossOut:
-    """Clipped importance-ratio loss. logprobs/old_logprobs/mask: (B, T); advantages: (B,)."""
+    """Clipped importance-ratio loss. logprobs/old_logprobs/mask/token_weights: (B, T); advantages: (B,).
+
+    `token_weights` (no gradient) multiply each token's policy term: the truncated importance weights
+    of `tis_weights` when the sampler's policy differs from the learner's.
+    """
     mask = mask.to(logprobs.dtype)
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     adv = advantages.unsqueeze(1)  # (B, 1)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
     per_token = -torch.min(unclipped, clipped)  # (B, T)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
     kl = torch.zeros_like(per_token)
     if beta:
         if ref_logprobs is None:

@@ -1,4 +1,4 @@
-"""Rewards for coding answers: one contract, combined by weights.
+"""GRPO rewards for coding answers: one contract, combined by the weights of `config.RewardConfig`.
 
 Every reward is a plain function `f(completions, *, gold_codes, notes, **kw) -> list[float]` with one
 float per completion (the TRL convention; extra columns arrive as keyword arguments and are ignored
@@ -23,14 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from icdray import codes, evidence, metrics, prompts
-
-DEFAULT_WEIGHTS: dict[str, float] = {
-    "format": 0.2,
-    "code_f1": 1.0,
-    "hierarchy": 0.3,
-    "invalid": 0.2,
-    "evidence": 0.2,
-}
+from icdray.config import RewardConfig
 
 
 def _parsed(completions: Sequence[Any], parsed: Sequence[prompts.Answer] | None) -> list[prompts.Answer]:
@@ -135,7 +128,7 @@ def score_batch(
     **kw: Any,
 ) -> tuple[list[float], dict[str, list[float]]]:
     """Weighted sum of the rewards; returns (total per completion, each component per completion)."""
-    weights = DEFAULT_WEIGHTS if weights is None else weights
+    weights = RewardConfig().weights() if weights is None else weights
     unknown = set(weights) - set(REWARDS)
     if unknown:
         raise ValueError(f"unknown reward(s) {sorted(unknown)}; known: {sorted(REWARDS)}")
@@ -155,8 +148,8 @@ class RewardWorker:
     """Ray actor that scores batches, so scoring scales apart from generation (the ICD-10-CM tables load
     once per actor, not once per batch)."""
 
-    def __init__(self, weights: Mapping[str, float], max_chars: int = 6000) -> None:
-        self.weights, self.max_chars = dict(weights), max_chars
+    def __init__(self, cfg: RewardConfig) -> None:
+        self.weights, self.max_chars = cfg.weights(), cfg.max_chars
         codes.DEFAULT.invalid(["I10"])  # load the code tables now, not inside the first timed step
 
     def score(

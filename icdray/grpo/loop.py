@@ -1,20 +1,25 @@
 """GRPO stage: one controller loop driving rollout, reward and learner actors.
 
-    every step:  sample prompts -> generate (RolloutWorker x R: G answers per note)
-                 -> score (RewardWorker x S) -> advantages (grpo.py; zero-variance groups skipped)
-                 -> update (Learner x W, DeepSpeed) -> sync weights (learner -> object store -> rollout)
-                 -> checkpoint every N steps -> validate (greedy sample-F1 on val) every M steps
+    every step (`train_step`, named and timed phases):
+        sample    notes of the step (a pure function of seed and step)
+        generate  RolloutWorker x R: G answers per note (constrained by the run's grammar by default)
+        score     RewardWorker x S: weighted rewards (grpo/rewards.py)
+        advantages group-relative (algo.py); flat groups dropped; while too few groups carry signal,
+                  more notes are drawn within the step (`extra_draws`, DAPO's dynamic sampling)
+        update    Learner x W (DeepSpeed): shared-prefix packing, the sampler's token mask, clipped loss
+        sync      learner rank 0 -> object store -> every rollout worker
+        checkpoint every N steps; validate (greedy sample-F1 on val) every M steps
     one JSON line per step in checkpoints/grpo/metrics.jsonl; the final merged model in checkpoints/grpo/
 
 Resume: a checkpoint is `checkpoints/grpo/_state/step-N/` (every learner rank's DeepSpeed shards and
 RNG state) made valid by `state.json`, written last. A re-run of the same command finds the newest
 committed step, reloads the learners, pushes their weights to fresh rollout workers and continues at
 step N+1. The prompts of a step and its sampling seeds are functions of (seed, step), so the resumed
-run sees the same data in the same order. Metrics lines of steps after N (from the killed run) are
-dropped on resume.
+run sees the same data in the same order. Metrics lines of steps after N are dropped on resume.
 
 A rollout worker that dies mid-step (node lost, OOM) is replaced: a new actor gets the current
-weights and its prompts are sent again with the same seeds; the step completes.
+weights and its prompts are sent again with the same seeds; the step completes. Tests inject faults
+through `Hooks` (see `icdray/testing/drills.py`); the loop itself has no fault switches.
 Left out: asynchronous (off-policy) rollouts overlapping the update, multi-turn rollouts.
 """
 
@@ -23,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -33,11 +37,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from icdray import grpo, metrics, models, prepare, prompts, sft, storage
+from icdray import chat, grammar, layout, metrics, models, prompts
 from icdray.config import Config, GRPOConfig
-from icdray.learner import Experience, Learner
-from icdray.reward import RewardWorker
-from icdray.rollout import RolloutWorker, Sample, SamplingSpec
+from icdray.engine import Sample, SamplingSpec, cpu_bind
+from icdray.grpo import algo
+from icdray.grpo.learner import Experience, Learner, micro_batches
+from icdray.grpo.rewards import RewardWorker
+from icdray.grpo.rollout import RolloutWorker
 
 log = logging.getLogger(__name__)
 
@@ -51,29 +57,30 @@ class Note:
 
 
 def load_notes(cfg: Config, split: str, tok: Any, limit: int) -> list[Note]:
-    table = prepare.read_split(cfg.storage, split, ["hadm_id", "note", "medications", "codes"])
-    table = table.sort_by("hadm_id")
+    table = layout.read_split(cfg.storage, split, ["hadm_id", "note", "medications", "codes"])
     if limit:
         table = table.slice(0, limit)
+    inp = cfg.inputs
     return [
         Note(
             r["hadm_id"],
             r["note"],
             r["codes"],
-            sft.encode_prompt(tok, r["note"], r["medications"] or [], cfg.grpo.max_prompt_tokens),
+            chat.encode_prompt(tok, r["note"], r["medications"], inp.max_prompt_tokens, inp.thinking),
         )
         for r in table.to_pylist()
     ]
 
 
-def step_prompts(n_notes: int, per_step: int, step: int, seed: int) -> list[int]:
-    """Indices of the notes of `step` (1-based): epochs of seeded permutations, a pure function of the
-    step, so a resumed run continues with exactly the data the killed run would have seen."""
+def step_prompts(n_notes: int, per_step: int, step: int, seed: int, draw: int = 0) -> list[int]:
+    """Indices of the notes of `step` (1-based), draw `draw` of it: epochs of seeded permutations, a pure
+    function of (seed, step, draw), so a resumed run continues with exactly the data the killed run saw."""
     out = []
+    stream = seed * 100_003 + draw * 7_919
     for k in range((step - 1) * per_step, step * per_step):
         epoch, pos = divmod(k, n_notes)
         order = list(range(n_notes))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
+        random.Random(stream + epoch).shuffle(order)
         out.append(order[pos])
     return out
 
@@ -91,6 +98,16 @@ class Timer:
             self.phases[name] = self.phases.get(name, 0.0) + time.time() - t
 
 
+class Hooks:
+    """Points where tests inject faults; the production loop uses these no-ops."""
+
+    def generation_in_flight(self, step: int, ctl: Controller) -> None:
+        """Called after a step's prompts were sent to the rollout workers, before their answers are read."""
+
+    def after_update(self, step: int, ctl: Controller) -> None:
+        """Called after a step's update and weight sync, before its checkpoint."""
+
+
 @dataclass
 class GRPOResult:
     output: str
@@ -105,44 +122,54 @@ class GRPOResult:
             return f"grpo: nothing to do, {self.steps} steps already done; model in {self.output}"
         first, last = h[0], h[-1]
         vals = [m["val_sample_f1"] for m in h if "val_sample_f1" in m]
+        updates = sum("loss" in m for m in h)
         return (
             f"grpo: steps {first['step']}-{last['step']}"
             + (f" (resumed after step {self.resumed_from})" if self.resumed_from else "")
-            + f"; reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}"
+            + f", {updates} with an update; reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}"
             + (f"; val sample-F1 {vals[0]:.3f} -> {vals[-1]:.3f}" if vals else "")
             + f"; {sum(m['step_s'] for m in h) / len(h):.1f}s/step, {self.seconds:.0f}s; model in {self.output}"
         )
 
 
+def answer_constraint(cfg: Config) -> grammar.AnswerConstraint | None:
+    """The rollouts' grammar: the run's label space (prepare.top_k_codes) or every billable code."""
+    if not cfg.grpo.engine.constrained:
+        return None
+    if cfg.grpo.engine.backend != "vllm":
+        raise ValueError(
+            "constrained rollouts need grpo.engine.backend=vllm (or grpo.engine.constrained=false)"
+        )
+    return grammar.constraint(layout.label_space(cfg.storage), cfg.answer)
+
+
 class Controller:
+    """Handles to the actor groups, and one method per phase that fans a call out to a group."""
+
     def __init__(self, cfg: Config, model_path: str) -> None:
         import ray
 
         self.cfg, self.g, self.model_path = cfg, cfg.grpo, model_path
         g = self.g
+        self.constraint = answer_constraint(cfg)
+        self.max_tokens = self.constraint.max_tokens if self.constraint else g.max_new_tokens
+        self.engine_cfg = replace(
+            g.engine,
+            threads=g.engine.threads or max(1, int(g.rollout_cpus)),
+            threads_bind=cpu_bind(g.engine.threads_bind),
+            max_model_len=max(g.engine.max_model_len, cfg.inputs.max_prompt_tokens + self.max_tokens + 8),
+        )
         self.learner_cls = ray.remote(Learner)
         self.rollout_cls = ray.remote(RolloutWorker)
-        self.rollout_settings = {
-            "kv_cache_gb": g.vllm_kv_cache_gb,
-            "threads_bind": f"0-{(os.cpu_count() or 1) - 1}"
-            if g.vllm_threads_bind == "all"
-            else g.vllm_threads_bind,
-            "use_gpu": g.use_gpu,
-            "dtype": g.dtype,
-            "max_model_len": g.max_model_len,
-            "seed": g.seed,
-            "threads": max(1, int(g.rollout_cpus)),
-        }
         # rank 0's rendezvous address is picked on a node, and rank 0 is then placed on that node
         node, master = ray.get(ray.remote(_free_address).options(num_cpus=0).remote())
         self.learners = [
-            self._learner_opts(r, node).remote(g, model_path, r, g.learner_workers, master)
+            self._learner_opts(r, node).remote(g, model_path, r, g.learner_workers, master, self.constraint)
             for r in range(g.learner_workers)
         ]
-        self.rollout = [self._new_rollout(i) for i in range(g.rollout_workers)]
+        self.rollout = [self._new_rollout() for _ in range(g.rollout_workers)]
         rw = ray.remote(RewardWorker).options(num_cpus=g.reward_cpus)
-        weights = {k: v for k, v in g.reward.__dict__.items() if k != "max_chars"}
-        self.rewards = [rw.remote(weights, g.reward.max_chars) for _ in range(g.reward_workers)]
+        self.rewards = [rw.remote(g.reward) for _ in range(g.reward_workers)]
         self.weights_ref: Any = None  # current policy weights in the object store (None = the model on disk)
         self.version = 0
         self.restarts = 0
@@ -158,16 +185,16 @@ class Controller:
             num_cpus=g.learner_cpus, num_gpus=1 if g.use_gpu else 0, scheduling_strategy=where
         )
 
-    def _new_rollout(self, i: int) -> Any:
+    def _new_rollout(self) -> Any:
         g = self.g
         return self.rollout_cls.options(
             num_cpus=g.rollout_cpus, num_gpus=g.rollout_gpus, scheduling_strategy="SPREAD"
-        ).remote(self.model_path, g.rollout_backend, self.rollout_settings)
+        ).remote(self.model_path, self.engine_cfg, self.constraint)
 
     # ------------------------------------------------------------------------------------ phases
 
     def generate(
-        self, prompt_ids: list[list[int]], spec: SamplingSpec, kill_one: bool = False
+        self, prompt_ids: list[list[int]], spec: SamplingSpec, hooks: Hooks | None = None, step: int = 0
     ) -> list[list[Sample]]:
         """Split the prompts over the rollout workers; a worker that dies is replaced and its share re-sent."""
         import ray
@@ -181,8 +208,8 @@ class Controller:
             return self.rollout[i].generate.remote(prompt_ids[lo:hi], replace(spec, seed=spec.seed + lo))
 
         refs = {i: submit(i) for i in shards}
-        if kill_one:  # fault drill: a rollout worker dies while its generation is in flight
-            ray.kill(self.rollout[0])
+        if hooks is not None:
+            hooks.generation_in_flight(step, self)
         out: dict[int, list[list[Sample]]] = {}
         for i in shards:
             for attempt in range(3):
@@ -192,18 +219,13 @@ class Controller:
                 except ray.exceptions.RayActorError as e:
                     if attempt == 2:
                         raise
-                    log.warning(
-                        "rollout worker %d died (%s); restarting it and re-sending %d prompts",
-                        i,
-                        type(e).__name__,
-                        shards[i][1] - shards[i][0],
-                    )
+                    log.warning("rollout worker %d died (%s); restarting it", i, type(e).__name__)
                     print(
                         f"[grpo] rollout worker {i} died mid-step; restarting it and re-sending its prompts",
                         flush=True,
                     )
                     self.restarts += 1
-                    self.rollout[i] = self._new_rollout(i)
+                    self.rollout[i] = self._new_rollout()
                     if self.weights_ref is not None:
                         ray.get(self.rollout[i].update_weights.remote(self.weights_ref, self.version))
                     refs[i] = submit(i)
@@ -218,12 +240,8 @@ class Controller:
         bounds = [round(i * len(texts) / n) for i in range(n + 1)]
         parts = ray.get(
             [
-                r.score.remote(
-                    texts[bounds[i] : bounds[i + 1]],
-                    gold[bounds[i] : bounds[i + 1]],
-                    notes[bounds[i] : bounds[i + 1]],
-                )
-                for i, r in enumerate(self.rewards)
+                r.score.remote(texts[lo:hi], gold[lo:hi], notes[lo:hi])
+                for r, lo, hi in zip(self.rewards, bounds, bounds[1:], strict=False)
             ]
         )
         total: list[float] = []
@@ -235,11 +253,13 @@ class Controller:
         return total, dict(comps)
 
     def update(self, rows: list[Experience]) -> dict[str, float]:
+        """One learner step: micro-batches (packed groups) dealt to the ranks, metrics merged."""
         import ray
 
         w = len(self.learners)
-        mine = [rows[r::w] for r in range(w)]
-        n_micro = max(1, max(math.ceil(len(m) / self.g.micro_batch_size) for m in mine))
+        chunks = [[rows[i] for i in idx] for idx in micro_batches(rows, self.g)]
+        mine = [chunks[r::w] for r in range(w)]
+        n_micro = max(1, max(len(m) for m in mine))
         tokens = sum(len(r.completion_ids) for r in rows)
         outs = ray.get(
             [
@@ -247,11 +267,8 @@ class Controller:
                 for lr, m in zip(self.learners, mine, strict=True)
             ]
         )
-        merged = {
-            k: sum(o[k] for o in outs) / (1 if k in ("loss", "tokens") else w)
-            for k in outs[0]
-            if k != "seconds"
-        }
+        summed = ("loss", "tokens")
+        merged = {k: sum(o[k] for o in outs) / (1 if k in summed else w) for k in outs[0] if k != "seconds"}
         merged["seconds"] = max(o["seconds"] for o in outs)
         return merged
 
@@ -267,7 +284,7 @@ class Controller:
         return time.time() - t
 
     def validate(self, notes: list[Note]) -> dict[str, float]:
-        spec = SamplingSpec(n=1, temperature=0.0, max_tokens=self.g.val_max_new_tokens, seed=0)
+        spec = SamplingSpec(n=1, temperature=0.0, max_tokens=self.max_tokens, seed=0)
         groups = self.generate([n.prompt_ids for n in notes], spec)
         answers = [prompts.parse_answer(g[0].text) for g in groups]
         s = metrics.score([a.codes for a in answers], [n.codes for n in notes])
@@ -292,6 +309,12 @@ class Controller:
 
         return ray.get([w.stats.remote() for w in self.rollout])
 
+    def shutdown(self) -> None:
+        import ray
+
+        for a in [*self.learners, *self.rollout, *self.rewards]:
+            ray.kill(a)
+
 
 def _free_address() -> tuple[str, str]:
     """(node id, host:port) of a free port on the node this task runs on."""
@@ -311,22 +334,120 @@ def latest_checkpoint(state_root: Path) -> tuple[int, Path | None]:
 
 
 def default_model(cfg: Config) -> str:
-    return cfg.grpo.model or storage.join(cfg.storage, "checkpoints", "sft")
+    return cfg.grpo.model or layout.Layout(cfg.storage).checkpoint("sft")
 
 
-def run(cfg: Config, output: str | None = None) -> GRPOResult:
+@dataclass
+class Rollouts:
+    """What the advantages phase hands to the update: experience rows plus what the step line reports."""
+
+    rows: list[Experience]
+    rewards: list[float]  # every sampled answer's total reward, all draws
+    components: dict[str, list[float]]
+    samples: list[Sample]
+    groups_drawn: int
+    groups_kept: int
+    groups_flat: int = 0
+
+
+def collect(ctl: Controller, train: list[Note], step: int, timer: Timer, hooks: Hooks) -> Rollouts:
+    """Generate, score and keep the groups that carry signal, drawing more notes while too few do."""
+    import torch
+
+    g = ctl.g
+    out = Rollouts([], [], defaultdict(list), [], 0, 0)
+    for draw in range(1 + g.extra_draws):
+        with timer.phase("sample"):
+            batch = [train[i] for i in step_prompts(len(train), g.prompts_per_step, step, g.seed, draw)]
+        with timer.phase("generate"):
+            seed = g.seed * 1_000_003 + step * 10_007 + draw * 101
+            spec = SamplingSpec(g.group_size, g.temperature, g.top_p, ctl.max_tokens, seed=seed)
+            groups = ctl.generate([n.prompt_ids for n in batch], spec, hooks if draw == 0 else None, step)
+        samples = [s for grp in groups for s in grp]  # prompt-major, as algo.py expects
+        with timer.phase("score"):
+            gold = [n.codes for n in batch for _ in range(g.group_size)]
+            note_texts = [n.note for n in batch for _ in range(g.group_size)]
+            total, comps = ctl.score([s.text for s in samples], gold, note_texts)
+        with timer.phase("advantages"):
+            rewards = torch.tensor(total, dtype=torch.float32)
+            adv = algo.group_advantages(rewards, g.group_size, scale=g.scale_advantages)
+            flat = algo.zero_variance_groups(rewards, g.group_size)
+            out.groups_flat += int(flat.sum())
+            for p, note in enumerate(batch):
+                if (g.skip_zero_variance and flat[p]) or out.groups_kept >= g.prompts_per_step:
+                    continue
+                out.groups_kept += 1
+                for i in range(p * g.group_size, (p + 1) * g.group_size):
+                    if samples[i].token_ids:
+                        out.rows.append(
+                            Experience(
+                                note.prompt_ids, samples[i].token_ids, samples[i].logprobs, float(adv[i])
+                            )
+                        )
+        out.groups_drawn += len(batch)
+        out.rewards += total
+        out.samples += samples
+        for k, v in comps.items():
+            out.components[k] += v
+        if out.groups_kept >= g.prompts_per_step:
+            break
+    return out
+
+
+def train_step(
+    ctl: Controller, train: list[Note], val: list[Note], step: int, state_root: Path, hooks: Hooks
+) -> dict[str, Any]:
+    """One GRPO step as named, timed phases; returns the step's metrics line."""
+    g, timer = ctl.g, Timer()
+    got = collect(ctl, train, step, timer, hooks)
+    upd: dict[str, float] = {}
+    if got.rows:
+        with timer.phase("update"):
+            upd = ctl.update(got.rows)
+        with timer.phase("sync"):
+            ctl.sync(step)
+    hooks.after_update(step, ctl)
+    if step % max(1, g.checkpoint_every) == 0 or step == g.steps:
+        with timer.phase("checkpoint"):
+            ctl.checkpoint(step, state_root)
+    r = got.rewards
+    mean = sum(r) / len(r)
+    m: dict[str, Any] = {
+        "step": step,
+        "reward_mean": mean,
+        "reward_std": math.sqrt(sum((x - mean) ** 2 for x in r) / (len(r) - 1)) if len(r) > 1 else 0.0,
+        **{f"reward_{k}": sum(v) / len(v) for k, v in got.components.items()},
+        "groups": got.groups_drawn,
+        "groups_kept": got.groups_kept,
+        "groups_flat": got.groups_flat,
+        "completion_tokens": sum(len(s.token_ids) for s in got.samples),
+        "truncated_rate": sum(s.finish_reason == "length" for s in got.samples) / len(got.samples),
+        **{k: v for k, v in upd.items() if k != "seconds"},
+    }
+    if g.val_every and (step % g.val_every == 0 or step == g.steps):
+        with timer.phase("validate"):
+            m.update(ctl.validate(val))
+    m["rollout_restarts"] = ctl.restarts
+    m["phase_s"] = {k: round(v, 3) for k, v in timer.phases.items()}
+    m["step_s"] = round(sum(timer.phases.values()), 3)
+    m["generate_tokens_per_s"] = m["completion_tokens"] / max(1e-6, timer.phases["generate"])
+    if upd:
+        m["update_tokens_per_s"] = upd["tokens"] / max(1e-6, timer.phases["update"])
+    return m
+
+
+def run(cfg: Config, output: str | None = None, hooks: Hooks | None = None) -> GRPOResult:
     """Train with GRPO from `cfg.grpo.model` (default: the SFT checkpoint). Needs Ray initialised."""
     import ray
-    import torch
     from transformers import AutoTokenizer
 
-    g = cfg.grpo
+    g, hooks = cfg.grpo, hooks or Hooks()
     start_time = time.time()
-    output = output or storage.join(cfg.storage, "checkpoints", "grpo")
-    if storage.is_uri(output):
+    output = output or layout.Layout(cfg.storage).checkpoint("grpo")
+    if "://" in output:
         raise ValueError(
             f"grpo checkpoints go to a filesystem path every learner can reach (a local folder or an NFS/EFS "
-            f"mount), not {output}: set --data to such a path"
+            f"mount), not {output}: set --storage to such a path"
         )
     out = Path(output).resolve()
     state_root = out / "_state"
@@ -341,7 +462,8 @@ def run(cfg: Config, output: str | None = None) -> GRPOResult:
         )
     print(
         f"[grpo] {model_path}: {g.steps} steps x {g.prompts_per_step} notes x {g.group_size} answers; "
-        f"{g.rollout_workers} {g.rollout_backend} rollout, {g.reward_workers} reward, {g.learner_workers} learner worker(s)",
+        f"{g.rollout_workers} {g.engine.backend} rollout ({'constrained' if g.engine.constrained else 'free'}), "
+        f"{g.reward_workers} reward, {g.learner_workers} learner worker(s)",
         flush=True,
     )
     t0 = time.time()
@@ -360,8 +482,7 @@ def run(cfg: Config, output: str | None = None) -> GRPOResult:
             if metrics_path.exists()
             else []
         )
-        kept = [m for m in kept if m["step"] <= resumed]
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept if m["step"] <= resumed))
         print(
             f"[grpo] resumed from the checkpoint of step {resumed}; continuing at step {resumed + 1}",
             flush=True,
@@ -370,73 +491,7 @@ def run(cfg: Config, output: str | None = None) -> GRPOResult:
         metrics_path.unlink()  # a fresh run
 
     for step in range(resumed + 1, g.steps + 1):
-        timer = Timer()
-        with timer.phase("sample"):
-            batch = [train[i] for i in step_prompts(len(train), g.prompts_per_step, step, g.seed)]
-        with timer.phase("generate"):
-            spec = SamplingSpec(
-                g.group_size,
-                g.temperature,
-                g.top_p,
-                g.max_new_tokens,
-                seed=g.seed * 1_000_003 + step * 10_007,
-            )
-            groups = ctl.generate(
-                [n.prompt_ids for n in batch], spec, kill_one=step == g.kill_rollout_at_step
-            )
-        samples = [s for grp in groups for s in grp]  # prompt-major, as grpo.py expects
-        with timer.phase("score"):
-            texts = [s.text for s in samples]
-            gold = [n.codes for n in batch for _ in range(g.group_size)]
-            note_texts = [n.note for n in batch for _ in range(g.group_size)]
-            total, comps = ctl.score(texts, gold, note_texts)
-        with timer.phase("advantages"):
-            rewards = torch.tensor(total, dtype=torch.float32)
-            adv = grpo.group_advantages(rewards, g.group_size, scale=g.scale_advantages)
-            flat = grpo.zero_variance_groups(rewards, g.group_size)
-            keep = [i for i in range(len(samples)) if not (g.skip_zero_variance and flat[i // g.group_size])]
-            rows = [
-                Experience(
-                    batch[i // g.group_size].prompt_ids,
-                    samples[i].token_ids,
-                    samples[i].logprobs,
-                    float(adv[i]),
-                )
-                for i in keep
-                if samples[i].token_ids
-            ]
-        upd: dict[str, float] = {}
-        if rows:
-            with timer.phase("update"):
-                upd = ctl.update(rows)
-            with timer.phase("sync"):
-                ctl.sync(step)
-        if g.fail_at_step and step == g.fail_at_step:
-            print(f"[grpo] fault drill: the controller dies after the update of step {step}", flush=True)
-            os._exit(17)
-        if step % max(1, g.checkpoint_every) == 0 or step == g.steps:
-            with timer.phase("checkpoint"):
-                ctl.checkpoint(step, state_root)
-        m: dict[str, Any] = {
-            "step": step,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-            **{f"reward_{k}": sum(v) / len(v) for k, v in comps.items()},
-            "groups_skipped": int(flat.sum()) if g.skip_zero_variance else 0,
-            "groups": len(batch),
-            "completion_tokens": sum(len(s.token_ids) for s in samples),
-            "truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
-        }
-        m.update({k: v for k, v in upd.items() if k not in ("seconds",)})
-        if g.val_every and (step % g.val_every == 0 or step == g.steps):
-            with timer.phase("validate"):
-                m.update(ctl.validate(val))
-        m["rollout_restarts"] = ctl.restarts
-        m["phase_s"] = {k: round(v, 3) for k, v in timer.phases.items()}
-        m["step_s"] = round(sum(timer.phases.values()), 3)
-        m["generate_tokens_per_s"] = m["completion_tokens"] / max(1e-6, timer.phases["generate"])
-        if upd:
-            m["update_tokens_per_s"] = upd["tokens"] / max(1e-6, timer.phases["update"])
+        m = train_step(ctl, train, val, step, state_root, hooks)
         history.append(m)
         with metrics_path.open("a") as f:
             f.write(json.dumps(m) + "\n")
@@ -447,8 +502,7 @@ def run(cfg: Config, output: str | None = None) -> GRPOResult:
         (out / "icdray_grpo.json").write_text(
             json.dumps({"grpo": asdict(g), "base_model": model_path, "steps": g.steps}, indent=2)
         )
-    for a in [*ctl.learners, *ctl.rollout, *ctl.rewards]:
-        ray.kill(a)
+    ctl.shutdown()
     return GRPOResult(str(out), g.steps, resumed, history, time.time() - start_time)
 
 
@@ -456,13 +510,13 @@ def _line(m: dict[str, Any], g: GRPOConfig) -> str:
     ph = " ".join(f"{k} {v:.1f}s" for k, v in m["phase_s"].items())
     extra = f" val_f1 {m['val_sample_f1']:.3f}" if "val_sample_f1" in m else ""
     upd = (
-        f" loss {m['loss']:+.4f} clip {m['clip_fraction']:.2f} kl {m['kl']:.4f}"
+        f" loss {m['loss']:+.4f} clip {m['clip_fraction']:.2f} kl {m['kl']:.4f} gap {m['sampler_logprob_gap']:.1e}"
         if "loss" in m
         else " (no update: every group flat)"
     )
     return (
         f"[grpo] step {m['step']}/{g.steps} reward {m['reward_mean']:.3f}±{m['reward_std']:.3f} "
-        f"f1 {m.get('reward_code_f1', 0.0):.3f} skipped {m['groups_skipped']}/{m['groups']}{upd}{extra} | "
+        f"f1 {m.get('reward_code_f1', 0.0):.3f} groups {m['groups_kept']}/{m['groups']} kept{upd}{extra} | "
         f"{m['generate_tokens_per_s']:.0f} gen tok/s | {ph}"
     )
 

