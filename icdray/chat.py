@@ -58,26 +58,42 @@ def _recut(note: str, over: int, budget: int) -> tuple[str, int]:
     return notes.prepare_note(note, max_tokens=budget).text, budget
 
 
-def encode_prompt(
-    tok: Any, note: str, medications: list[str] | None, max_len: int, thinking: bool = False
-) -> list[int]:
-    """Chat-templated prompt ids with the generation prompt, at most `max_len` of them."""
-    medications = list(medications or [])
+def fit_note(
+    tok: Any, note: str, medications: list[str], max_len: int, thinking: bool = False
+) -> tuple[str, list[int]]:
+    """The note re-cut (as `prepare` cuts notes) until its chat-templated prompt has at most `max_len` ids;
+    returns the note and the prompt ids (hard-truncated from the left if re-cutting did not get there)."""
     budget = notes.count_tokens(note)
     ids = _prompt_ids(tok, note, medications, thinking)
     for _ in range(4):
         if len(ids) <= max_len:
-            return ids
+            return note, ids
         note, budget = _recut(note, len(ids) - max_len, budget)
         ids = _prompt_ids(tok, note, medications, thinking)
-    return ids[-max_len:]
+    return note, ids[-max_len:]
+
+
+def encode_prompt(
+    tok: Any, note: str, medications: list[str] | None, max_len: int, thinking: bool = False
+) -> list[int]:
+    """Chat-templated prompt ids with the generation prompt, at most `max_len` of them."""
+    return fit_note(tok, note, list(medications or []), max_len, thinking)[1]
 
 
 def encode_example(
-    tok: Any, note: str, medications: list[str] | None, answer: str, max_len: int, thinking: bool = False
+    tok: Any,
+    note: str,
+    medications: list[str] | None,
+    answer: str,
+    max_len: int,
+    max_prompt: int | None = None,
+    thinking: bool = False,
 ) -> tuple[list[int], int] | None:
-    """(prompt + answer ids, prompt length) within `max_len`, or None when even a re-cut note does not fit."""
+    """(prompt + answer ids, prompt length) within `max_len`, the prompt cut to `max_prompt` as at inference
+    (so the model trains on the notes it will be asked about); None when even a re-cut note does not fit."""
     medications = list(medications or [])
+    if max_prompt:
+        note = fit_note(tok, note, medications, max_prompt, thinking)[0]
     budget = notes.count_tokens(note)
     kwargs = template_kwargs(tok, thinking)
     for _ in range(4):

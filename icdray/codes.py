@@ -135,6 +135,45 @@ def use_additional_codes(code: str) -> list[str]:
     return found
 
 
+NOTE_KINDS = ("excludes1", "excludes2", "code_first", "use_additional", "code_also")
+
+
+def notes(code: str, kind: str, up_to_category: bool = False) -> list[tuple[str, str]]:
+    """(node, note line) of the tabular list's `kind` notes on the code and its ancestors.
+
+    Notes sit on the node where the tabular list prints them (E11's "type 1 diabetes" Excludes1 applies
+    to every E11 code), so ancestors are walked; `up_to_category` stops at the 3-character category (for
+    instructional notes whose block- and chapter-level versions are too general to check).
+    """
+    if kind not in NOTE_KINDS:
+        raise ValueError(f"note kind must be one of {NOTE_KINDS}, got {kind!r}")
+    c = normalize(code)
+    if not in_release(c):
+        return []
+    cm = _cm()
+    nodes = [
+        c,
+        *(
+            a
+            for a in cm.get_ancestors(c)
+            if not up_to_category or (len(a) >= 3 and "-" not in a and a[0].isalpha())
+        ),
+    ]
+    out = []
+    for node in nodes:
+        if kind in ("excludes1", "excludes2"):
+            lines = (cm.get_excludes1 if kind == "excludes1" else cm.get_excludes2)(node)
+        else:
+            getter = {
+                "code_first": cm.get_code_first,
+                "use_additional": cm.get_use_additional_code,
+                "code_also": cm.get_code_also,
+            }[kind]
+            lines = [x for x in getter(node).splitlines() if x.strip()]
+        out += [(node, line) for line in lines]
+    return out
+
+
 class Codebook:
     """The release plus an optional extension table (code -> title), e.g. MIMIC's `d_icd_diagnoses`.
 

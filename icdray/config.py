@@ -43,6 +43,8 @@ class PrepareConfig:
     val_frac: float = 0.1  # test gets the rest
     split_seed: int = 0
     split_file: str = ""  # optional CSV/parquet hadm_id -> split (train|val|test), e.g. a published split
+    # more training charts in the prepared schema, e.g. coders' reviewed charts (`icdray feedback export`)
+    extra_train: tuple[str, ...] = ()
     batch_size: int = (
         2048  # notes per Ray Data batch (a task each; large enough to amortise the per-batch join)
     )
@@ -183,7 +185,10 @@ class GRPOConfig:
     steps: int = 4
     prompts_per_step: int = 2  # notes per step
     group_size: int = 4  # answers sampled per note (G)
-    max_new_tokens: int = 256  # per answer; cut answers are invalid JSON and score low on format
+    max_new_tokens: int = (
+        256  # per free (unconstrained) answer; constrained ones close within the grammar's budget
+    )
+    min_new_tokens: int = 0  # benchmarks only: fixed-length answers, so systems compared do the same work
     temperature: float = 1.0  # 1.0: the sampler's log-probs are the policy's, comparable with the learner's
     top_p: float = 1.0
     # loss: see grpo/algo.py. "token" normalisation and no KL (beta 0, so no reference model) follow DAPO/Dr.GRPO
@@ -198,7 +203,10 @@ class GRPOConfig:
     # extra rounds of prompts_per_step notes in the same step (0 = one round, flat groups just skipped)
     extra_draws: int = 1
     shared_prefix: bool = True  # score a group's G answers behind one copy of the prompt (packing.py)
-    max_packed_tokens: int = 4096  # a packed row's length; longer groups are split into several rows
+    # cache: the prompt's KV broadcast to the answers (least compute; gradient checkpointing off) |
+    # mask: one packed row with a 4-D attention mask (works with gradient checkpointing)
+    prefix_layout: str = "cache"
+    max_packed_tokens: int = 4096  # prompt + answers per row; longer groups are split into several rows
     # old policy of the clipped ratio: "sampler" (the rollout engine's log-probs, exact when its weights and
     # token mask are the learner's) | "learner" (the learner's own log-probs before the update)
     old_logprobs: str = "sampler"
@@ -213,7 +221,7 @@ class GRPOConfig:
     lora_targets: tuple[str, ...] = ()  # () = the model family's own list (models.lora_targets)
     zero_stage: int = 2
     offload: bool = False
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = False  # off: the cache layout needs it off, and a 135M model fits without
     dtype: str = "float32"
     reward: RewardConfig = field(default_factory=RewardConfig)
     engine: EngineConfig = field(

@@ -7,6 +7,7 @@
   attention kernel accepts) on the real SmolLM2 tokenizer, for fast tests. Untied embeddings.
 - `tiny-tied`: the same with tied input/output embeddings (as SmolLM2 and many small models), for the
   weight-sync tests that must catch a stale tied `lm_head`.
+- a URI (s3://bucket/run/checkpoints/sft): copied once into the cache (keyed by its weights' size and time).
 - anything else: a local HF folder, or a Hugging Face hub id (Qwen/Qwen3-0.6B ... Qwen/Qwen3-14B,
   MedGemma) for clusters that reach the hub or a mirror; a cached snapshot is used when there is one,
   and offline without one is a clear error naming what to set.
@@ -22,6 +23,7 @@ import fcntl
 import importlib.metadata
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,8 +109,33 @@ def _build_tiny(out: Path, tied: bool = False) -> None:
     tmp.rename(out)
 
 
+def _remote(uri: str) -> str:
+    """A checkpoint on shared storage (s3://, gs://): a local copy under the cache, refreshed when it changes."""
+    import hashlib
+
+    from icdray import storage
+
+    weights = next((n for n in storage.listdir(uri) if n.endswith(".safetensors")), None)
+    if weights is None or "config.json" not in storage.listdir(uri):
+        raise FileNotFoundError(f"{uri} holds no HF model (config.json and *.safetensors): train it first")
+    key = hashlib.sha256(f"{uri}|{storage.stamp(storage.join(uri, weights))}".encode()).hexdigest()[:16]
+    out = cache_dir() / "remote" / key
+    if not (out / "config.json").exists():
+        with _lock(out):
+            if not (out / "config.json").exists():
+                log.info("copying %s to %s", uri, out)
+                tmp = out.with_name(out.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)  # a copy a crash left half-done
+                storage.download_dir(uri, str(tmp))
+                tmp.rename(out)
+    return str(out)
+
+
 def resolve(name: str) -> str:
-    """A registry name, a local folder, or a hub id -> what `from_pretrained` should load."""
+    """A registry name, a local folder, a folder on shared storage (URI), or a hub id -> what
+    `from_pretrained` should load (always a local folder or a hub id)."""
+    if "://" in name:
+        return _remote(name)
     if name in NAMES:
         out = cache_dir() / "models" / _FOLDERS[name]
         if not (out / "config.json").exists():

@@ -47,6 +47,10 @@ DROP_ORDER: tuple[str, ...] = (
     "Discharge Medications",
     "Family History",
     "Social History",
+    # dropped last, before text is cut: the identifier preamble, and lists the prompt carries anyway
+    "",
+    "Medications on Admission",
+    "Major Surgical or Invasive Procedure",
 )
 _HEADING_RE = re.compile(
     r"^[ \t]*(" + "|".join(re.escape(h) for h in HEADINGS) + r")[ \t]*:[ \t]*", re.IGNORECASE | re.MULTILINE

@@ -304,6 +304,28 @@ def apply_label_space(k: int, storage_root: str) -> None:
     )
 
 
+def add_extra_train(paths: tuple[str, ...], storage_root: str) -> None:
+    """Append charts already in the prepared schema (coders' corrections) to the train split."""
+    import pyarrow.parquet as pq
+
+    columns = [f.name for f in OUTPUT_SCHEMA if f.name not in ("split", "drop_reason")]
+    target = Layout(storage_root).split("train")
+    for i, path in enumerate(paths):
+        if not storage.exists(path):
+            raise FileNotFoundError(
+                f"prepare.extra_train: {path} not found (make it with `icdray feedback export`)"
+            )
+        fs, p = storage.resolve(path)
+        extra = pq.read_table(p, filesystem=fs)
+        missing = set(columns) - set(extra.column_names)
+        if missing:
+            raise ValueError(f"prepare.extra_train: {path} lacks columns {sorted(missing)}")
+        extra = extra.select(columns).cast(pa.schema([OUTPUT_SCHEMA.field(c) for c in columns]))
+        out_fs, out = storage.resolve(target)
+        out_fs.create_dir(out, recursive=True)
+        pq.write_table(extra, f"{out}/extra-{i}.parquet", filesystem=out_fs)
+
+
 def _report(
     storage_root: str, engine: str, cfg: PrepareConfig, dropped: dict[str, dict[str, int]], seconds: float
 ) -> PrepareReport:
@@ -311,6 +333,7 @@ def _report(
     `_dropped` with its reason."""
     import pyarrow.dataset as pads
 
+    add_extra_train(cfg.extra_train, storage_root)
     if cfg.top_k_codes:
         apply_label_space(cfg.top_k_codes, storage_root)
     where = Layout(storage_root)
@@ -395,7 +418,7 @@ def run(cfg: PrepareConfig, storage_root: str, mimic_root: str) -> PrepareReport
     for split in SPLITS:  # hive folders split=train -> prompts/train
         src = f"{staging_path}/split={split}"
         if out_fs.get_file_info(src).type != 0:
-            out_fs.move(src, storage.resolve(output_dir(storage_root, split))[1])
+            storage.move_dir(storage.join(staging, f"split={split}"), output_dir(storage_root, split))
     storage.delete_dir(staging)
     (_, _, dx_dropped), (_, rx_dropped) = ray.get([labels_ref, meds_ref])
     return _report(

@@ -57,7 +57,13 @@ def build_examples(
     train, val, dropped = [], [], 0
     for row in table.to_pylist():
         enc = chat.encode_example(
-            tok, row["note"], row["medications"], row["answer"], cfg.max_seq_len, inputs.thinking
+            tok,
+            row["note"],
+            row["medications"],
+            row["answer"],
+            cfg.max_seq_len,
+            inputs.max_prompt_tokens,
+            inputs.thinking,
         )
         if enc is None:
             dropped += 1
@@ -160,10 +166,9 @@ def train_loop(config: dict[str, Any]) -> None:
             tokens += int(batch["attention_mask"].sum())
         step += 1
         if cfg.fail_at_step and step == cfg.fail_at_step and rank == min(1, world - 1):
-            marker = Path(config["run_dir"]) / f"drill-fired-{cfg.fail_at_step}"
-            if not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
+            marker = storage.join(config["run_dir"], f"drill-fired-{cfg.fail_at_step}")
+            if not storage.exists(marker):
+                storage.write_text(marker, "fired")
                 raise RuntimeError(f"fault drill: rank {rank} fails at step {step} (sft.fail_at_step)")
         metrics = {
             "step": step,
@@ -227,9 +232,7 @@ def _export(
         gather.__enter__()
     try:
         digest = training.params_digest(engine.module)
-        run_dir = Path(config["run_dir"])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / f"rank-{rank}.sha256").write_text(digest)
+        storage.write_text(storage.join(config["run_dir"], f"rank-{rank}.sha256"), digest)
         if rank != 0:
             return
         out = Path(tempfile.mkdtemp(prefix="icdray-sft-"))
@@ -247,20 +250,11 @@ def _export(
             )
         )
         (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
-        _upload(out, config["output"])
+        storage.upload_dir(str(out), config["output"], replace=True)
         shutil.rmtree(out, ignore_errors=True)
     finally:
         if gather:
             gather.__exit__(None, None, None)
-
-
-def _upload(local: Path, dest: str) -> None:
-    import pyarrow.fs as pafs
-
-    storage.delete_dir(dest)
-    fs, path = storage.resolve(dest)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -340,7 +334,7 @@ def run(cfg: Config, output: str | None = None, run_name: str = "") -> SFTResult
             "model_name": scfg.model,
             "output": output,
             "threads_per_worker": threads,
-            "run_dir": _local_run_dir(ray_root, run_name),
+            "run_dir": storage.join(ray_root, run_name, "_icdray"),
         },
         scaling_config=ScalingConfig(
             num_workers=scfg.num_workers,
@@ -374,13 +368,6 @@ def run(cfg: Config, output: str | None = None, run_name: str = "") -> SFTResult
         sum(speeds) / len(speeds) if speeds else 0.0,
         max((m.get("peak_rss_mb", 0.0) for m in history), default=0.0),
     )
-
-
-def _local_run_dir(ray_root: str, run_name: str) -> str:
-    """Where ranks leave small local markers (weight digests, fault-drill state) for this run."""
-    if storage.is_uri(ray_root):
-        return os.path.join(tempfile.gettempdir(), "icdray-runs", run_name)
-    return os.path.join(ray_root, run_name, "_icdray")
 
 
 def read_metrics(output: str) -> list[dict[str, Any]]:

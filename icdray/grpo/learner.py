@@ -23,8 +23,12 @@ Left out: reference-model offload, tensor/pipeline parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +83,13 @@ class Learner:
         import torch
         from transformers import AutoConfig, AutoTokenizer
 
+        if cfg.shared_prefix and cfg.prefix_layout not in ("cache", "mask"):
+            raise ValueError(f"grpo.prefix_layout must be cache or mask, got {cfg.prefix_layout!r}")
+        if cfg.shared_prefix and cfg.prefix_layout == "cache" and cfg.gradient_checkpointing:
+            raise ValueError(
+                "grpo.prefix_layout=cache cannot run with gradient checkpointing (a recomputed layer would extend "
+                "the prompt's KV cache twice): set grpo.prefix_layout=mask or grpo.gradient_checkpointing=false"
+            )
         self.cfg = cfg
         self.rank, self.world = rank, world
         torch.set_num_threads(cfg.learner_threads or max(1, int(cfg.learner_cpus)))
@@ -325,16 +336,20 @@ class Learner:
         return out
 
     def save(self, folder: str, client_state: dict[str, Any]) -> None:
+        """This rank's DeepSpeed shards and RNG state into `folder` (a local path or a URI: written to a local
+        temporary folder first, then uploaded; ranks on other nodes upload their own files)."""
         import torch
 
-        self.engine.save_checkpoint(folder, tag="ds", client_state=client_state)
-        torch.save(torch.get_rng_state(), Path(folder) / f"rng-rank{self.rank}.pt")
+        with _local(folder, upload=True) as here:
+            self.engine.save_checkpoint(here, tag="ds", client_state=client_state)
+            torch.save(torch.get_rng_state(), Path(here) / f"rng-rank{self.rank}.pt")
 
     def load(self, folder: str) -> dict[str, Any]:
         import torch
 
-        _, client = self.engine.load_checkpoint(folder, tag="ds")
-        torch.set_rng_state(torch.load(Path(folder) / f"rng-rank{self.rank}.pt"))
+        with _local(folder, download=True) as here:
+            _, client = self.engine.load_checkpoint(here, tag="ds")
+            torch.set_rng_state(torch.load(Path(here) / f"rng-rank{self.rank}.pt"))
         return client or {}
 
     def save_model(self, out: str, source_path: str) -> None:
@@ -346,8 +361,29 @@ class Learner:
             return
         model = AutoModelForCausalLM.from_pretrained(source_path)
         model.load_state_dict(weights, strict=False)
-        model.save_pretrained(out, safe_serialization=True)
-        AutoTokenizer.from_pretrained(source_path).save_pretrained(out)
+        with _local(out, upload=True) as here:
+            model.save_pretrained(here, safe_serialization=True)
+            AutoTokenizer.from_pretrained(source_path).save_pretrained(here)
+
+
+@contextlib.contextmanager
+def _local(folder: str, upload: bool = False, download: bool = False) -> Iterator[str]:
+    """`folder` itself when it is local; else a temporary local folder synced with it."""
+    from icdray import storage
+
+    if not storage.is_uri(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    tmp = tempfile.mkdtemp(prefix="icdray-ckpt-")
+    try:
+        if download:
+            storage.download_dir(folder, tmp)
+        yield tmp
+        if upload:
+            storage.upload_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def merged_state_dict(module: Any) -> dict[str, Any]:

@@ -12,7 +12,8 @@
     one JSON line per step in checkpoints/grpo/metrics.jsonl; the final merged model in checkpoints/grpo/
 
 Resume: a checkpoint is `checkpoints/grpo/_state/step-N/` (every learner rank's DeepSpeed shards and
-RNG state) made valid by `state.json`, written last. A re-run of the same command finds the newest
+RNG state) made valid by `state.json`, written last; the storage root may be a local folder, a shared
+mount, or object storage (s3://, gs://: ranks save locally and upload). A re-run of the same command finds the newest
 committed step, reloads the learners, pushes their weights to fresh rollout workers and continues at
 step N+1. The prompts of a step and its sampling seeds are functions of (seed, step), so the resumed
 run sees the same data in the same order. Metrics lines of steps after N are dropped on resume.
@@ -28,8 +29,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
-import shutil
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from icdray import chat, grammar, layout, metrics, models, prompts
+from icdray import chat, grammar, layout, metrics, models, prompts, storage
 from icdray.config import Config, GRPOConfig
 from icdray.engine import Sample, SamplingSpec, cpu_bind
 from icdray.grpo import algo
@@ -294,15 +295,18 @@ class Controller:
             "val_format_ok": sum(a.ok for a in answers) / max(1, len(answers)),
         }
 
-    def checkpoint(self, step: int, state_root: Path) -> None:
+    def checkpoint(self, step: int, state_root: str) -> None:
+        """Every rank's state under `state_root/step-N/`, committed by `state.json` once all ranks saved."""
         import ray
 
-        folder = state_root / f"step-{step:06d}"
-        shutil.rmtree(folder, ignore_errors=True)
-        ray.get([lr.save.remote(str(folder), {"step": step}) for lr in self.learners])
-        (folder / "state.json").write_text(json.dumps({"step": step, "time": time.time()}))  # commit marker
-        for old in sorted(state_root.glob("step-*"))[:-2]:  # keep the newest two
-            shutil.rmtree(old, ignore_errors=True)
+        folder = storage.join(state_root, f"step-{step:06d}")
+        storage.delete_dir(folder)
+        ray.get([lr.save.remote(folder, {"step": step}) for lr in self.learners])
+        storage.write_json(storage.join(folder, "state.json"), {"step": step, "time": time.time()})
+        for old in [n for n in storage.listdir(state_root) if n.startswith("step-")][
+            :-2
+        ]:  # keep the newest two
+            storage.delete_dir(storage.join(state_root, old))
 
     def stats(self) -> list[dict[str, Any]]:
         import ray
@@ -328,9 +332,13 @@ def _free_address() -> tuple[str, str]:
     return ray.get_runtime_context().get_node_id(), f"{ray.util.get_node_ip_address()}:{port}"
 
 
-def latest_checkpoint(state_root: Path) -> tuple[int, Path | None]:
-    done = sorted(p.parent for p in state_root.glob("step-*/state.json"))
-    return (int(done[-1].name.split("-")[1]), done[-1]) if done else (0, None)
+def latest_checkpoint(state_root: str) -> tuple[int, str | None]:
+    """The newest committed step (its state.json exists) and its folder, or (0, None)."""
+    for name in reversed([n for n in storage.listdir(state_root) if n.startswith("step-")]):
+        folder = storage.join(state_root, name)
+        if storage.exists(storage.join(folder, "state.json")):
+            return int(name.split("-")[1]), folder
+    return 0, None
 
 
 def default_model(cfg: Config) -> str:
@@ -361,7 +369,9 @@ def collect(ctl: Controller, train: list[Note], step: int, timer: Timer, hooks: 
             batch = [train[i] for i in step_prompts(len(train), g.prompts_per_step, step, g.seed, draw)]
         with timer.phase("generate"):
             seed = g.seed * 1_000_003 + step * 10_007 + draw * 101
-            spec = SamplingSpec(g.group_size, g.temperature, g.top_p, ctl.max_tokens, seed=seed)
+            spec = SamplingSpec(
+                g.group_size, g.temperature, g.top_p, ctl.max_tokens, seed=seed, min_tokens=g.min_new_tokens
+            )
             groups = ctl.generate([n.prompt_ids for n in batch], spec, hooks if draw == 0 else None, step)
         samples = [s for grp in groups for s in grp]  # prompt-major, as algo.py expects
         with timer.phase("score"):
@@ -443,15 +453,11 @@ def run(cfg: Config, output: str | None = None, hooks: Hooks | None = None) -> G
 
     g, hooks = cfg.grpo, hooks or Hooks()
     start_time = time.time()
-    output = output or layout.Layout(cfg.storage).checkpoint("grpo")
-    if "://" in output:
-        raise ValueError(
-            f"grpo checkpoints go to a filesystem path every learner can reach (a local folder or an NFS/EFS "
-            f"mount), not {output}: set --storage to such a path"
-        )
-    out = Path(output).resolve()
-    state_root = out / "_state"
-    state_root.mkdir(parents=True, exist_ok=True)
+    out = output or layout.Layout(cfg.storage).checkpoint("grpo")
+    if not storage.is_uri(out):
+        out = os.path.abspath(out)  # learners run in their own working directories
+    state_root = storage.join(out, "_state")
+    metrics_path = storage.join(out, "metrics.jsonl")
     model_path = models.resolve(default_model(cfg))
     tok = AutoTokenizer.from_pretrained(model_path)
     train = load_notes(cfg, "train", tok, g.limit)
@@ -472,38 +478,35 @@ def run(cfg: Config, output: str | None = None, hooks: Hooks | None = None) -> G
     print(f"[grpo] actors ready in {time.time() - t0:.1f}s; rollout nodes: {len(nodes)}", flush=True)
 
     resumed, folder = latest_checkpoint(state_root)
-    metrics_path = out / "metrics.jsonl"
-    history: list[dict[str, Any]] = []
+    lines: list[str] = []
     if folder is not None:
-        ray.get([lr.load.remote(str(folder)) for lr in ctl.learners])
+        ray.get([lr.load.remote(folder) for lr in ctl.learners])
         ctl.sync(resumed)
-        kept = (
-            [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-            if metrics_path.exists()
-            else []
-        )
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept if m["step"] <= resumed))
+        if storage.exists(metrics_path):  # lines of steps after the checkpoint came from the killed run
+            old = [x for x in storage.read_text(metrics_path).splitlines() if x.strip()]
+            lines = [x for x in old if json.loads(x)["step"] <= resumed]
         print(
             f"[grpo] resumed from the checkpoint of step {resumed}; continuing at step {resumed + 1}",
             flush=True,
         )
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run
+    storage.write_text(metrics_path, "".join(x + "\n" for x in lines))
 
+    history: list[dict[str, Any]] = []
     for step in range(resumed + 1, g.steps + 1):
         m = train_step(ctl, train, val, step, state_root, hooks)
         history.append(m)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(m) + "\n")
+        lines.append(json.dumps(m))
+        storage.write_text(metrics_path, "".join(x + "\n" for x in lines))
         print(_line(m, g), flush=True)
 
-    if history or not (out / "config.json").exists():
-        ray.get([lr.save_model.remote(str(out), model_path) for lr in ctl.learners])
-        (out / "icdray_grpo.json").write_text(
-            json.dumps({"grpo": asdict(g), "base_model": model_path, "steps": g.steps}, indent=2)
+    if history or not storage.exists(storage.join(out, "config.json")):
+        ray.get([lr.save_model.remote(out, model_path) for lr in ctl.learners])
+        storage.write_json(
+            storage.join(out, "icdray_grpo.json"),
+            {"grpo": asdict(g), "base_model": model_path, "steps": g.steps},
         )
     ctl.shutdown()
-    return GRPOResult(str(out), g.steps, resumed, history, time.time() - start_time)
+    return GRPOResult(out, g.steps, resumed, history, time.time() - start_time)
 
 
 def _line(m: dict[str, Any], g: GRPOConfig) -> str:
@@ -522,5 +525,9 @@ def _line(m: dict[str, Any], g: GRPOConfig) -> str:
 
 
 def read_metrics(output: str) -> list[dict[str, Any]]:
-    path = Path(output) / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    path = storage.join(output, "metrics.jsonl")
+    return (
+        [json.loads(x) for x in storage.read_text(path).splitlines() if x.strip()]
+        if storage.exists(path)
+        else []
+    )
