@@ -174,6 +174,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_code(args: argparse.Namespace) -> int:
+    """Code a worklist of notes (a folder of .txt files or a parquet/CSV table) into DIR/codes.parquet."""
+    from icdray import batch
+
+    cfg = _load(args)
+    _ray(cfg)
+    print(batch.run(cfg, args.input, args.out, model=args.model or "", fhir=args.fhir).format())
+    return 0
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    """`icdray feedback export`: the coders' reviewed charts as training data (the prepared-notes schema)."""
+    from icdray import feedback, layout, storage
+
+    cfg = _load(args)
+    store = feedback.FeedbackStore(args.url or feedback.default_url(cfg.storage))
+    out = args.out or storage.join(layout.Layout(cfg.storage).root, "feedback", "export", "reviewed.parquet")
+    n = feedback.export(store, out)
+    print(f"{n} reviewed charts -> {out}")
+    print(f"train on them: icdray pipeline --storage DIR --set 'prepare.extra_train=[{out}]' --force")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace, rest: list[str]) -> int:
     """Submit `python -m jobs.<stage> ...` through the Ray Jobs API, stream its logs, return its status."""
     import asyncio
@@ -338,6 +361,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser(
+        "code", help="code a worklist of notes on Ray Data -> DIR/codes.parquet (and FHIR R4 bundles)"
+    )
+    p.add_argument(
+        "--input", required=True, help="a folder of .txt notes, or a parquet/CSV with note and id columns"
+    )
+    p.add_argument("--out", required=True, help="output folder (codes.parquet, _skipped.parquet, fhir/)")
+    p.add_argument(
+        "--model", help="checkpoint folder or model name (default: STORAGE's SFT+GRPO or SFT model)"
+    )
+    p.add_argument("--fhir", action="store_true", help="also write one FHIR R4 Bundle per note to DIR/fhir/")
+    _common(p)
+    p.set_defaults(fn=cmd_code)
+
+    p = sub.add_parser("feedback", help="coders' feedback: export reviewed charts as training data")
+    p.add_argument("action", choices=["export"])
+    p.add_argument("--url", help="feedback database URL (default: SQLite under STORAGE/feedback/)")
+    p.add_argument("--out", help="parquet file to write (default: STORAGE/feedback/export/reviewed.parquet)")
+    _common(p)
+    p.set_defaults(fn=cmd_feedback)
 
     for name, fn, text in (
         ("demo", cmd_demo, "the main job: every stage as the profile says, then serve the trained model"),

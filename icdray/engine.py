@@ -76,17 +76,78 @@ def bound_cores(setting: str) -> int:
     return max(1, n)
 
 
+def sampling_params(
+    cfg: EngineConfig, constraint: AnswerConstraint | None, spec: SamplingSpec, i: int = 0
+) -> Any:
+    """vLLM's SamplingParams for prompt `i` of a spec: the grammar and the no-repeat guard when constrained."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kw: dict[str, Any] = {}
+    if constraint is not None and spec.constrained:
+        kw["structured_outputs"] = StructuredOutputsParams(grammar=constraint.grammar)
+        if cfg.no_repeat_codes:
+            kw["extra_args"] = {"icdray_codes": constraint.code_key}
+    return SamplingParams(
+        n=spec.n,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        max_tokens=spec.max_tokens,
+        min_tokens=spec.min_tokens,
+        logprobs=0,  # the sampled token's own log-prob
+        seed=spec.seed + i,
+        **kw,
+    )
+
+
+def _cpu_env(cfg: EngineConfig) -> None:
+    """Settings vLLM reads at import: the engine in this process, the CPU KV cache (GiB), the cores."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if cfg.device == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_bind(cfg.threads_bind))
+
+
+def _engine_kwargs(model_path: str, cfg: EngineConfig, constraint: AnswerConstraint | None) -> dict[str, Any]:
+    on_cpu = cfg.device == "cpu"
+    extra: dict[str, Any] = {}
+    if constraint is not None:
+        extra["structured_outputs_config"] = {"backend": "xgrammar"}  # fixed per engine
+        if cfg.no_repeat_codes:
+            from icdray.vllm_ext import NoRepeatCodes
+
+            extra["logits_processors"] = [NoRepeatCodes]
+    if on_cpu:
+        # a request split over prefill chunks rewinds its seeded generator, which a CPU generator cannot do
+        # ("CPU Generator does not use offset"): prefill each prompt whole
+        extra["enable_chunked_prefill"] = False
+        extra["max_num_batched_tokens"] = max(cfg.max_model_len, 8192)
+    return dict(
+        **extra,
+        model=model_path,
+        dtype=cfg.dtype,
+        enforce_eager=cfg.enforce_eager or on_cpu,
+        max_model_len=cfg.max_model_len,
+        max_num_seqs=cfg.max_num_seqs,
+        seed=cfg.seed,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        logprobs_mode="processed_logprobs",
+    )
+
+
+def _sample(c: Any) -> Sample:
+    ids = list(c.token_ids)
+    lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], ids, strict=True)]
+    return Sample(ids, lps, c.text, "length" if c.finish_reason == "length" else "stop")
+
+
 class VLLMEngine:
     def __init__(
         self, model_path: str, cfg: EngineConfig, constraint: AnswerConstraint | None = None
     ) -> None:
         on_cpu = cfg.device == "cpu"
-        # read by vllm at import: KV cache size (GiB) on CPU, and the engine in this process (start-up ~4 s
-        # instead of ~30 s for a separate engine process)
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if on_cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_bind(cfg.threads_bind))
+        _cpu_env(cfg)
         import torch
         from transformers import AutoConfig
         from vllm import LLM
@@ -94,71 +155,71 @@ class VLLMEngine:
         if on_cpu:
             # Ray sets OMP_NUM_THREADS to an actor's CPU share (1 for 0.75 CPU): vLLM's thread binding then
             # runs its non-kernel ops on one thread, at about half speed (measured 128 vs 199 tokens/s)
-            torch.set_num_threads(bound_cores(os.environ["VLLM_CPU_OMP_THREADS_BIND"]))
+            self.threads = bound_cores(os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+            torch.set_num_threads(self.threads)
         self.cfg, self.constraint = cfg, constraint if cfg.constrained else None
         self.tied = bool(getattr(AutoConfig.from_pretrained(model_path), "tie_word_embeddings", False))
         self.on_cpu = on_cpu
-        extra: dict[str, Any] = {}
-        if self.constraint is not None:
-            extra["structured_outputs_config"] = {"backend": "xgrammar"}  # fixed per engine
-            if cfg.no_repeat_codes:
-                from icdray.vllm_ext import NoRepeatCodes
-
-                extra["logits_processors"] = [NoRepeatCodes]
-        self.llm = LLM(
-            **extra,
-            model=model_path,
-            dtype=cfg.dtype,
-            enforce_eager=cfg.enforce_eager or on_cpu,
-            max_model_len=cfg.max_model_len,
-            max_num_seqs=cfg.max_num_seqs,
-            seed=cfg.seed,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            logprobs_mode="processed_logprobs",
-        )
+        self.llm = LLM(**_engine_kwargs(model_path, cfg, self.constraint))
         self.tok = self.llm.get_tokenizer()
 
     def _params(self, spec: SamplingSpec, i: int) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
-        kw: dict[str, Any] = {}
-        if self.constraint is not None and spec.constrained:
-            kw["structured_outputs"] = StructuredOutputsParams(grammar=self.constraint.grammar)
-            if self.cfg.no_repeat_codes:
-                kw["extra_args"] = {"icdray_codes": self.constraint.code_key}
-        return SamplingParams(
-            n=spec.n,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            max_tokens=spec.max_tokens,
-            min_tokens=spec.min_tokens,
-            logprobs=0,  # the sampled token's own log-prob
-            seed=spec.seed + i,
-            **kw,
-        )
+        return sampling_params(self.cfg, self.constraint, spec, i)
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Sample]]:
         from vllm.inputs import TokensPrompt
 
+        if self.on_cpu:
+            import torch
+
+            # OpenMP's thread count is per calling thread, and vLLM's CPU attention checks that the count it
+            # planned with is the count it runs with: a caller on another thread (Serve's thread pool) must
+            # set it too, or the kernel aborts ("thread_num ... 1 vs. 2")
+            torch.set_num_threads(self.threads)
         params = [self._params(spec, i) for i in range(len(prompts))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        result = []
-        for out in outs:
-            group = []
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], ids, strict=True)]
-                group.append(Sample(ids, lps, c.text, "length" if c.finish_reason == "length" else "stop"))
-            result.append(group)
-        return result
+        return [[_sample(c) for c in out.outputs] for out in outs]
 
     def load(self, weights: dict[str, Any]) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
         if self.tied and self.on_cpu:
             self.llm.apply_model(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()  # cached prompt KV blocks were computed by the old weights
+
+
+class AsyncVLLMEngine:
+    """vLLM's async engine (continuous batching): a request joins the running batch at the next step instead
+    of waiting for the batch in flight. Serving uses it; the engine core runs in its own process."""
+
+    def __init__(
+        self, model_path: str, cfg: EngineConfig, constraint: AnswerConstraint | None = None
+    ) -> None:
+        _cpu_env(cfg)
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.cfg, self.constraint = cfg, constraint if cfg.constrained else None
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.llm = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**_engine_kwargs(model_path, cfg, self.constraint))
+        )
+
+    async def generate_one(self, prompt: list[int], spec: SamplingSpec) -> Sample:
+        import uuid
+
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = sampling_params(self.cfg, self.constraint, spec)
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        final = None
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt), params, uuid.uuid4().hex):
+            final = out
+        return _sample(final.outputs[0])
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
 
 
 class HFEngine:

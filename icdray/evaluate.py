@@ -42,11 +42,13 @@ class Coder:
         modes: tuple[str, ...],
         max_new_tokens: int,
         inputs: InputConfig,
+        free_ids: list[int] | None = None,
     ) -> None:
         self.engine = make_engine(model, engine, constraint)
         self.tok = self.engine.tok
         self.modes, self.inputs = modes, inputs
         self.max_tokens = {"constrained": constraint.max_tokens if constraint else 0, "free": max_new_tokens}
+        self.free_ids = None if free_ids is None else set(free_ids)  # None: every note
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = [
@@ -54,14 +56,27 @@ class Coder:
             for n, m in zip(batch["note"].to_pylist(), batch["medications"].to_pylist(), strict=True)
         ]
         out: dict[str, Any] = {"hadm_id": batch["hadm_id"], "prompt_tokens": [len(i) for i in ids]}
+        hadm = batch["hadm_id"].to_pylist()
         for mode in self.modes:
             t = time.time()
             spec = SamplingSpec(
                 n=1, temperature=0.0, max_tokens=self.max_tokens[mode], constrained=mode == "constrained"
             )
-            groups = self.engine.generate(ids, spec)
-            out[f"answer_{mode}"] = [g[0].text for g in groups]
-            out[f"tokens_{mode}"] = [len(g[0].token_ids) for g in groups]
+            rows = [
+                i
+                for i, h in enumerate(hadm)
+                if mode == "constrained" or self.free_ids is None or h in self.free_ids
+            ]
+            got = (
+                dict(zip(rows, self.engine.generate([ids[i] for i in rows], spec), strict=True))
+                if rows
+                else {}
+            )
+            samples = [got[i][0] if i in got else None for i in range(len(hadm))]
+            out[f"answer_{mode}"] = [s.text if s else None for s in samples]
+            out[f"tokens_{mode}"] = [len(s.token_ids) if s else 0 for s in samples]
+            out[f"ids_{mode}"] = [s.token_ids if s else [] for s in samples]
+            out[f"logprobs_{mode}"] = [s.logprobs if s else [] for s in samples]
             out[f"seconds_{mode}"] = [time.time() - t] * batch.num_rows
         return pa.table(out)
 
@@ -70,22 +85,24 @@ def default_name(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", model.rstrip("/").split("/")[-1] if "/" in model else model)
 
 
-def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str, Any]:
-    """Generate, parse and score `model` on `evaluate.split`. Needs Ray initialised.
-
-    Writes one report row per mode and returns {"rows": [...], "seconds", "generated_tokens", "tokens_per_s"}.
-    """
+def _answers(
+    cfg: Config, model: str, split: str, modes: tuple[str, ...] | None = None
+) -> tuple[Any, Any, str, Any]:
+    """(notes of the split, the engine's answers aligned with them, the model's local path, the constraint)."""
     import ray
 
     ecfg = cfg.evaluate
-    start = time.time()
-    table = layout.read_split(cfg.storage, ecfg.split, ["hadm_id", "note", "medications", "codes"])
+    table = layout.read_split(cfg.storage, split, ["hadm_id", "note", "medications", "codes"])
     if ecfg.limit:
         table = table.slice(0, ecfg.limit)
     path = models.resolve(model)  # fail fast (and build a registry model once) before starting actors
     constrained = ecfg.engine.constrained and ecfg.engine.backend == "vllm"
     constraint = grammar.constraint(layout.label_space(cfg.storage), cfg.answer) if constrained else None
-    modes = ("constrained", "free") if constrained else ("free",)
+    if modes is None:
+        modes = ("free",) if not constrained else ("constrained", "free")[: 1 + (ecfg.free_limit >= 0)]
+    free_ids = (
+        table["hadm_id"].to_pylist()[: ecfg.free_limit] if constrained and ecfg.free_limit > 0 else None
+    )
     max_len = (
         cfg.inputs.max_prompt_tokens
         + max(ecfg.max_new_tokens, constraint.max_tokens if constraint else 0)
@@ -115,19 +132,34 @@ def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str
             "modes": modes,
             "max_new_tokens": ecfg.max_new_tokens,
             "inputs": cfg.inputs,
+            "free_ids": free_ids,
         },
     )
     out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("hadm_id")
     by_id = {h: i for i, h in enumerate(out["hadm_id"].to_pylist())}
-    hadm = table["hadm_id"].to_pylist()
-    order = [by_id[h] for h in hadm]
-    gold, note_texts = table["codes"].to_pylist(), table["note"].to_pylist()
+    return table, out.take([by_id[h] for h in table["hadm_id"].to_pylist()]), path, constraint
+
+
+def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str, Any]:
+    """Generate, parse and score `model` on `evaluate.split`. Needs Ray initialised.
+
+    Writes one report row per mode and returns {"rows": [...], "seconds", "generated_tokens", "tokens_per_s"}.
+    """
+    ecfg = cfg.evaluate
+    start = time.time()
+    table, out, path, _ = _answers(cfg, model, ecfg.split)
+    modes = tuple(m for m in ("constrained", "free") if f"answer_{m}" in out.column_names)
     counts = layout.train_code_counts(cfg.storage)
     space = layout.label_space_name(cfg.storage)
     name = name or default_name(model)
     rows, generated = [], 0
     for mode in modes:
-        texts = [out[f"answer_{mode}"][i].as_py() for i in order]
+        # the free pass may cover only the first `free_limit` notes: score those
+        keep = [i for i, t in enumerate(out[f"answer_{mode}"].to_pylist()) if t is not None]
+        sub, ans = table.take(keep), out.take(keep)
+        hadm = sub["hadm_id"].to_pylist()
+        gold, note_texts = sub["codes"].to_pylist(), sub["note"].to_pylist()
+        texts = ans[f"answer_{mode}"].to_pylist()
         parsed = [prompts.parse_answer(t) for t in texts]
         tokens = sum(out[f"tokens_{mode}"].to_pylist())
         generated += tokens
@@ -148,7 +180,7 @@ def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str
                 "engine": ecfg.engine.backend,
                 "generated_tokens": tokens,
                 "mean_answer_tokens": tokens / max(1, len(texts)),
-                "mean_prompt_tokens": sum(out["prompt_tokens"].to_pylist()) / max(1, len(texts)),
+                "mean_prompt_tokens": sum(ans["prompt_tokens"].to_pylist()) / max(1, len(texts)),
                 "seconds": round(max(out[f"seconds_{mode}"].to_pylist() or [0.0]), 1),
                 "config": {"limit": ecfg.limit, "split": ecfg.split, "max_new_tokens": ecfg.max_new_tokens},
                 "examples": [
@@ -172,3 +204,43 @@ def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str
         "generated_tokens": generated,
         "tokens_per_s": round(generated / max(1e-6, seconds), 1),
     }
+
+
+def calibrate(cfg: Config, model: str, name: str, target_precision: float = 0.9) -> dict[str, Any]:
+    """Fit the confidence calibration of `model` on the validation split (constrained greedy answers: each
+    code's raw score vs whether it is in gold) and save it as `reports/calibration.json`, which Serve loads."""
+    from transformers import AutoTokenizer
+
+    from icdray import confidence, storage
+
+    start = time.time()
+    table, out, path, constraint = _answers(cfg, model, "val", ("constrained",))
+    if constraint is None:
+        raise ValueError(
+            "calibration needs constrained decoding (evaluate.engine.constrained=true, backend vllm)"
+        )
+    tok = AutoTokenizer.from_pretrained(path)
+    pieces = [tok.decode([i]) for i in range(len(tok))]
+    raw, correct = [], []
+    for ids, lps, text, gold in zip(
+        out["ids_constrained"].to_pylist(),
+        out["logprobs_constrained"].to_pylist(),
+        out["answer_constrained"].to_pylist(),
+        table["codes"].to_pylist(),
+        strict=True,
+    ):
+        scores = confidence.code_scores(ids, lps, pieces)
+        for code in prompts.parse_answer(text).codes:
+            raw.append(scores.get(code, 0.0))
+            correct.append(code in gold)
+    cal = confidence.fit(raw, correct, target_precision)
+    result = {
+        "model": name,
+        "model_path": path,
+        "split": "val",
+        "notes": table.num_rows,
+        "calibration": cal.to_dict(),
+        "seconds": round(time.time() - start, 1),
+    }
+    storage.write_json(storage.join(layout.Layout(cfg.storage).reports, "calibration.json"), result)
+    return result

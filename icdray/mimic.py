@@ -126,8 +126,8 @@ def read_diagnoses(root: str, codebook: codes.Codebook) -> Labels:
     return Labels(table, +dropped)
 
 
-def read_medications(root: str) -> Labels:
-    """hadm_id -> unique drug names in order of first prescription (table column `medications`)."""
+def read_medications(root: str, max_n: int = MAX_MEDICATIONS) -> Labels:
+    """hadm_id -> the first `max_n` unique drug names in order of first prescription (column `medications`)."""
     t = read_csv(root, PRESCRIPTIONS, ["hadm_id", "drug"])
     dropped: Counter = Counter()
     hadm = parse_ids(t["hadm_id"])
@@ -138,7 +138,7 @@ def read_medications(root: str) -> Labels:
     dropped["empty_drug"] = pc.sum(pc.and_(ok_id, pc.invert(ok_drug))).as_py() or 0
     keep = pa.table({"hadm_id": hadm, "drug": drug}).filter(pc.and_(ok_id, ok_drug))
     grouped = keep.group_by("hadm_id", use_threads=False).aggregate([("drug", "distinct")])
-    meds = pc.list_slice(grouped["drug_distinct"], 0, MAX_MEDICATIONS)
+    meds = pc.list_slice(grouped["drug_distinct"], 0, max_n)
     table = pa.table({"hadm_id": grouped["hadm_id"], "medications": meds})
     return Labels(table, +dropped)
 

@@ -52,6 +52,18 @@ DROP_ORDER: tuple[str, ...] = (
     "Medications on Admission",
     "Major Surgical or Invasive Procedure",
 )
+# When a note is still over budget after DROP_ORDER, the budget goes to these sections first (most coding
+# signal per token: the course names what was treated, the past history the chronic conditions).
+KEEP_ORDER: tuple[str, ...] = (
+    "Brief Hospital Course",
+    "Past Medical History",
+    "Chief Complaint",
+    "Allergies",
+    "History of Present Illness",
+    "Major Surgical or Invasive Procedure",
+    "Medications on Admission",
+    "",
+)
 _HEADING_RE = re.compile(
     r"^[ \t]*(" + "|".join(re.escape(h) for h in HEADINGS) + r")[ \t]*:[ \t]*", re.IGNORECASE | re.MULTILINE
 )
@@ -129,8 +141,26 @@ def prepare_note(
             if sections[i].heading == heading:
                 del sections[i], sizes[i]
                 truncated = True
+    if sum(sizes) > max_tokens:  # still over: the sections coders read first get the budget first
+        sections, truncated = _share(sections, sizes, max_tokens), True
     body = render(sections)
-    if sum(sizes) > max_tokens:
+    if count_tokens(body) > max_tokens:  # headings and joins can still tip it over
         body = _cut(body, max_tokens)
-        truncated = True
     return PreparedNote(body, count_tokens(body), truncated, tuple(s.heading for s in sections))
+
+
+def _share(sections: list[Section], sizes: list[int], budget: int) -> list[Section]:
+    """Give each section, in `KEEP_ORDER`, as much of the budget as it needs (cutting the last one that only
+    partly fits); sections left without budget are dropped; the note keeps its own order."""
+    rank = {h: i for i, h in enumerate(KEEP_ORDER)}
+    rank[LEAKY] = -1  # present only when kept on request (a leak study): then it comes first
+    order = sorted(range(len(sections)), key=lambda i: (rank.get(sections[i].heading, len(rank)), i))
+    left, keep = budget, {}
+    for i in order:
+        if left <= count_tokens(sections[i].heading) + 8:
+            break
+        s = sections[i]
+        room = left - count_tokens(s.heading) - 1
+        keep[i] = s if sizes[i] <= left else Section(s.heading, _cut(s.body, room))
+        left -= min(sizes[i], left)
+    return [keep[i] for i in sorted(keep)]

@@ -286,6 +286,16 @@ def run(
             + ", ".join(f"{r['model']} sample-F1 {r['sample_f1']:.3f}" for r in got["rows"])
             + f"; {got['generated_tokens']} tokens in {got['seconds']}s"
         )
+    role, model, row = trained_models(cfg)[-1]
+    if done["calibrate"]:
+        head("calibrate", "reports/calibration.json exists, skipped")
+    else:
+        head("calibrate", f"confidence of {row} on {cfg.evaluate.limit or 'all'} validation notes")
+        cal = evaluate.calibrate(cfg, model, row)["calibration"]
+        print(
+            f"  threshold {cal['threshold']:.2f}: precision {cal['precision_at_threshold']:.3f}, "
+            f"coverage {cal['coverage_at_threshold']:.3f} of {cal['n_codes']} codes"
+        )
     head("report", "reports/results.md, results.json, plots")
     report.write(cfg.storage)
     rows = results.collect(cfg.storage)

@@ -175,8 +175,8 @@ def load_labels(cfg: PrepareConfig, mimic_root: str) -> tuple[pa.Table, pa.Table
     return labels.table, split_map, dict(labels.dropped)
 
 
-def load_medications(mimic_root: str) -> tuple[pa.Table, dict[str, int]]:
-    meds = mimic.read_medications(mimic_root)
+def load_medications(mimic_root: str, max_n: int = mimic.MAX_MEDICATIONS) -> tuple[pa.Table, dict[str, int]]:
+    meds = mimic.read_medications(mimic_root, max_n)
     return meds.table, dict(meds.dropped)
 
 
@@ -281,6 +281,8 @@ def apply_label_space(k: int, storage_root: str) -> None:
     top = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
     keep = set(top)
     for split in SPLITS:
+        if not storage.exists(where.split(split)):
+            continue  # a split file may leave a split empty (prepare writes no folder for it)
         t = layout.read_split(storage_root, split)
         full = t["codes"].to_pylist()
         restricted = [[c for c in cs if c in keep] for cs in full]
@@ -380,7 +382,7 @@ def run(cfg: PrepareConfig, storage_root: str, mimic_root: str) -> PrepareReport
     _reset_outputs(storage_root)
     # The small per-admission tables load in two tasks while the notes already stream in.
     labels_ref = ray.remote(load_labels).options(num_cpus=0.5).remote(cfg, mimic_root)
-    meds_ref = ray.remote(load_medications).options(num_cpus=0.5).remote(mimic_root)
+    meds_ref = ray.remote(load_medications).options(num_cpus=0.5).remote(mimic_root, cfg.max_medications)
     fs, notes_path = storage.resolve(storage.join(mimic_root, mimic.DISCHARGE))
     # Reading one gzip file is a single streaming task that mostly waits on the map tasks (backpressure):
     # it gets no CPU reservation, so on a 2-core machine both cores go to the note processing.
@@ -438,7 +440,7 @@ def run_pandas(cfg: PrepareConfig, storage_root: str, mimic_root: str) -> Prepar
     check_inputs(mimic_root)
     _reset_outputs(storage_root)
     labels, split_map, dx_dropped = load_labels(cfg, mimic_root)
-    meds, rx_dropped = load_medications(mimic_root)
+    meds, rx_dropped = load_medications(mimic_root, cfg.max_medications)
     df = mimic.read_csv(mimic_root, mimic.DISCHARGE, mimic.NOTE_COLUMNS).to_pandas()
     parts = []
     for lo in range(0, len(df), cfg.batch_size):

@@ -94,17 +94,19 @@ FORMAT_FLAGS: frozenset[str] = frozenset({FLAG_NO_ANSWER, FLAG_INVALID_JSON, FLA
 """Flags that make `Answer.ok` False; all other flags are informational."""
 
 SYSTEM_PROMPT = """\
-You are a clinical coder. Assign the ICD-10-CM diagnosis codes this hospital stay supports: conditions \
-present and treated or monitored, not negated findings or family history; the principal diagnosis first. \
-Think briefly in <reasoning></reasoning>, then answer in <answer></answer> with JSON: \
+You are a clinical coder. Give the ICD-10-CM codes this hospital stay supports: conditions treated or \
+monitored, not negated findings or family history; the principal diagnosis first. Think briefly in \
+<reasoning></reasoning>, then answer in <answer></answer> with JSON: \
 {"codes": [{"evidence": "<short phrase copied from the note>", "code": "<ICD-10-CM code>"}]}"""
 
 
 def render_user_prompt(note: str, medications: Sequence[str] = ()) -> str:
-    """The user turn: the note and the medication list (one per line); the format is in the system prompt."""
+    """The user turn: the note and the medication list (one per line, each drug once); the format is in
+    the system prompt."""
     if isinstance(medications, str):  # a str is a Sequence[str]: treat it as lines, not characters
         medications = medications.splitlines()
     meds = [m.strip() for m in (str(m) for m in (() if medications is None else medications)) if m.strip()]
+    meds = list(dict.fromkeys(meds))
     med_block = "\n".join(f"- {m}" for m in meds) if meds else "(none recorded)"
     note_text = "" if note is None else str(note).strip()
     return f"Discharge note:\n{note_text}\n\nMedications:\n{med_block}"

@@ -33,6 +33,11 @@ def sft_history(root: str) -> list[dict[str, Any]]:
     return _jsonl(layout.Layout(root).metrics("sft"))
 
 
+def calibration(root: str) -> dict[str, Any] | None:
+    path = storage.join(layout.Layout(root).reports, "calibration.json")
+    return storage.read_json(path) if storage.exists(path) else None
+
+
 def results_json(root: str) -> dict[str, Any]:
     rows = results.collect(root)
     return {"rows": [results.public(r) for r in rows], "comparisons": results.comparisons(rows)}
@@ -77,6 +82,17 @@ def markdown(root: str) -> str:
                 else ""
             )
             + ".",
+        ]
+    cal = calibration(root)
+    if cal:
+        c = cal["calibration"]
+        lines += [
+            "",
+            f"Confidence ({cal['model']}): isotonic calibration on {cal['notes']} validation notes ({c['n_codes']} codes). "
+            f"At the auto-eligibility threshold {c['threshold']:.2f} (target precision {c['target_precision']:.2f}): "
+            f"precision {c['precision_at_threshold']:.3f}, coverage {c['coverage_at_threshold']:.3f} of the codes.",
+            "",
+            "![reliability](reliability.png)",
         ]
     lines += ["", "![sample-F1 per model](sample_f1.png)"]
     if sft_history(root):
@@ -123,6 +139,29 @@ def plots(root: str, out_dir: str) -> list[str]:
         fig.savefig(os.path.join(out_dir, "sft_loss.png"), dpi=120)
         plt.close(fig)
         made.append("sft_loss.png")
+    cal = calibration(root)
+    if cal and cal["calibration"]["bins"]:
+        bins = cal["calibration"]["bins"]
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--")
+        ax.plot([b["predicted"] for b in bins], [b["observed"] for b in bins], marker="o", color="#457b9d")
+        for b in bins:
+            ax.annotate(
+                str(b["n"]),
+                (b["predicted"], b["observed"]),
+                fontsize=7,
+                xytext=(3, -9),
+                textcoords="offset points",
+            )
+        ax.axvline(cal["calibration"]["threshold"], color="#e76f51", lw=1)
+        ax.set_xlabel("calibrated confidence")
+        ax.set_ylabel("observed precision (validation)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "reliability.png"), dpi=120)
+        plt.close(fig)
+        made.append("reliability.png")
     history = grpo_history(root)
     if history:
         fig, ax = plt.subplots(figsize=(7, 3.5))

@@ -84,6 +84,8 @@ def batch_plan(lengths: list[int], batch: int, seed: int, epoch: int) -> list[li
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
+    """Left-padded batch: every answer ends at the last position, so logits are needed only for the last
+    `keep` positions (the longest answer + 1), not over the whole prompt."""
     import torch
 
     width = max(len(e.input_ids) for e in examples)
@@ -92,10 +94,40 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
     mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        ids[i, width - n :] = torch.tensor(e.input_ids)
+        labels[i, width - n :] = torch.tensor(e.labels)
+        mask[i, width - n :] = 1
+    answer = max(sum(x != IGNORE for x in e.labels) for e in examples)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0),  # (B, T) every row starts at position 0
+        "labels": labels,
+        "keep": min(width, answer + 1),
+    }
+
+
+def answer_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """Mean cross-entropy over answer tokens; logits computed only where an answer token is predicted."""
+    import torch
+
+    keep = batch["keep"]
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1].float()  # (B, keep-1, V): position j predicts j+1
+    target = batch["labels"][:, -keep + 1 :] if keep > 1 else batch["labels"][:, :0]  # (B, keep-1)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE
+    )
+
+
+def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------------ train loop
@@ -158,8 +190,8 @@ def train_loop(config: dict[str, Any]) -> None:
         losses, tokens = [], 0
         engine.train()
         for idx in mine:
-            batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], pad_id).items()}
-            loss = engine(**batch).loss
+            batch = _to(collate([train[i] for i in idx], pad_id), device)
+            loss = answer_loss(engine, batch)
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
@@ -208,9 +240,9 @@ def _val_loss(engine: Any, val: list[Example], pad_id: int, batch: int, rank: in
     total, count = torch.zeros(1), torch.zeros(1)
     with torch.no_grad():
         for i in range(rank * batch, len(val), batch * world):
-            b = {k: v.to(engine.device) for k, v in collate(val[i : i + batch], pad_id).items()}
+            b = _to(collate(val[i : i + batch], pad_id), engine.device)
             n = int((b["labels"] != IGNORE).sum())
-            total += engine(**b).loss.float().cpu() * n
+            total += answer_loss(engine, b).float().cpu() * n
             count += n
     dist.all_reduce(total)
     dist.all_reduce(count)

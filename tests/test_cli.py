@@ -107,7 +107,8 @@ def test_plan_shows_the_profiles_own_numbers(tmp_path):
         and demo["demo-data"]["settings"]["admissions"] == defaults.prepare.demo_admissions
     )
     assert demo["sft"]["settings"]["model"] == defaults.sft.model
-    assert demo["sft"]["settings"]["steps"] == defaults.sft.max_steps
+    assert demo["sft"]["settings"]["steps"] == (defaults.sft.max_steps or f"{defaults.sft.epochs} epoch(s)")
+    assert demo["sft"]["settings"]["examples"] == defaults.sft.limit
     assert demo["grpo"]["settings"]["steps"] == defaults.grpo.steps
     assert demo["evaluate"]["settings"]["notes"] == defaults.evaluate.limit
     assert demo["sft"]["settings"]["output"] == str(tmp_path / "d" / "checkpoints" / "sft")

@@ -130,8 +130,10 @@ def test_failure_modes_are_retried_recorded_and_filtered(store, notes, api_key, 
     ex = layout.read_exemplars(str(store_copy)).to_pylist()
     assert len(ex) == N - 4
     for row in ex:
-        answer = prompts.parse_answer(row["answer"])
-        assert answer.ok and metrics.prf(answer.codes, row["gold_codes"])[2] == row["agreement_f1"] >= 0.5
+        answer, said = prompts.parse_answer(row["answer"]), prompts.parse_answer(row["teacher_text"])
+        # agreement is the teacher's own answer's; the exemplar is that answer within the grammar's bounds
+        assert said.ok and metrics.prf(said.codes, row["gold_codes"])[2] == row["agreement_f1"] >= 0.5
+        assert answer.ok and answer.codes == said.codes[: load_config(None).answer.max_codes]
         assert (row["teacher_backend"], row["teacher_model"], row["prompt_version"]) == (
             "gemini",
             "gemini-2.5-flash",
@@ -166,16 +168,21 @@ def test_reference_teacher_exemplars_are_exact(store, tmp_path):
     summary = distill.run(load_config(None, [f"storage={tmp_path / 's'}", "teacher.limit=40"]))
     assert summary.kept == 40 and summary.rejected == 0 and summary.failed == 0
     ex = layout.read_exemplars(str(tmp_path / "s")).to_pylist()
+    found = items = 0
     for row in ex:
         answer = prompts.parse_answer(row["answer"])
         assert answer.clean  # no flag at all
-        assert metrics.prf(answer.codes, row["gold_codes"])[2] == 1.0
+        # the gold codes, principal first, as many as the answer's bounds allow
+        assert answer.codes == list(dict.fromkeys(row["gold_codes"]))[: load_config(None).answer.max_codes]
         note = row["note"]
         located = [i for i in answer.items if i.evidence]
-        assert len(located) >= 0.9 * len(answer.items)  # evidence is the note's own words
+        found += len(located)
+        items += len(answer.items)
         assert all(
             i.evidence.lower() in " ".join(note.split()).lower() or i.evidence in note for i in located
         )
+    # most codes carry a verbatim phrase (one with no phrase left in the cut note has empty evidence)
+    assert found >= 0.75 * items
     # a second run with the same config is served from the cache: no new call
     again = distill.run(load_config(None, [f"storage={tmp_path / 's'}", "teacher.limit=40"]))
     assert again.cached_before == 40 and again.calls == 0 and again.kept == 40

@@ -110,7 +110,7 @@ def test_top_k_label_space(ray_session, demo_root, tmp_path):
     from collections import Counter
 
     full = str(tmp_path / "full")
-    prepare.run(PrepareConfig(), full, demo_root)
+    prepare.run(PrepareConfig(top_k_codes=0), full, demo_root)
     counts = Counter(c for cs in layout.read_split(full, "train", ["codes"])["codes"].to_pylist() for c in cs)
     top = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]]
     store = str(tmp_path / "top")

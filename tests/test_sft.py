@@ -63,13 +63,22 @@ def test_prompt_tokens_are_masked_and_do_not_count(store):
     assert labels[prompt_len:] == ids[prompt_len:] and len(ids) > prompt_len
     batch = sft.collate([sft.Example(ids, labels, 0)], tok.pad_token_id)
     with torch.no_grad():
-        loss = model(**batch).loss
-        logits = model(input_ids=batch["input_ids"]).logits[0, :-1]  # (T-1, V)
+        loss = sft.answer_loss(model, batch)
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]  # (T-1, V)
     targets = torch.tensor(ids[1:])
     nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")  # (T-1,)
     answer_only = nll[prompt_len - 1 :].mean()  # positions predicting answer tokens
     assert torch.allclose(loss, answer_only, atol=1e-5)  # the loss is the mean over answer tokens only
     assert int((batch["labels"] != sft.IGNORE).sum()) == len(ids) - prompt_len
+    assert batch["keep"] == len(ids) - prompt_len + 1  # logits only where an answer token is predicted
+    # a left-padded batch of two lengths gives the token-weighted mean of the two examples' losses
+    short = sft.Example(ids[:-5], labels[:-5], 1)
+    pair = sft.collate([sft.Example(ids, labels, 0), short], tok.pad_token_id)
+    one = sft.collate([short], tok.pad_token_id)
+    n_a, n_b = len(ids) - prompt_len, len(ids) - 5 - prompt_len
+    with torch.no_grad():
+        want = (loss * n_a + sft.answer_loss(model, one) * n_b) / (n_a + n_b)
+        assert torch.allclose(sft.answer_loss(model, pair), want, atol=1e-5)
 
 
 def test_zero2_full_finetune_loss_falls_and_ranks_agree(store, tmp_path):
