@@ -127,6 +127,7 @@ class EngineConfig:
     constrained: bool = True  # answers follow the grammar of grammar.py, codes from the run's label space
     no_repeat_codes: bool = True  # a code already written cannot be written again (stops greedy loops)
     seed: int = 0
+    sleep_mode: bool = False  # GPU: the engine can free its GPU memory between rollouts (colocated placement)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class RewardConfig:
     hierarchy: float = 0.3  # partial credit for near misses: an untrained policy scores 0 on exact match
     invalid: float = 0.2
     evidence: float = 0.2
+    edits: float = 0.0  # coding edits (edits.py): -1 for a blocking error, -0.25 per warning
     length: float = 0.0
     max_chars: int = 6000  # the length reward penalises answers longer than this
 
@@ -223,11 +225,19 @@ class GRPOConfig:
     # rollouts under the answer grammar: every sample parses, so the rewards measure coding, not formatting
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_cache_gb=4))
     # workers and their resources: rollout and learner get separate CPU/GPU shares so they never fight
+    # disaggregated: rollout engines and learners on their own devices | colocated: they share GPUs
+    # (fractional rollout_gpus) and the engine sleeps, freeing its memory, while the learner trains
+    placement: str = "disaggregated"
     rollout_workers: int = 1
     rollout_cpus: float = 0.75  # + learner 1.0 + reward 0.25 = the 2 cores of a laptop-sized machine
     rollout_gpus: float = 0.0
     reward_workers: int = 1
     reward_cpus: float = 0.25
+    # how new weights reach the rollout engines: object_store (put once, pulled by each worker) | broadcast
+    # (one collective from learner rank 0: grpo/weights.py); its backend: auto = nccl with GPUs, else gloo
+    weight_sync: str = "object_store"
+    weight_backend: str = "auto"
+    weight_bucket_mb: int = 256
     learner_workers: int = 1  # DeepSpeed data-parallel ranks
     learner_cpus: float = 1.0
     # torch threads per learner; 0 = its CPU share. Phases alternate, so on a small machine the learner may

@@ -117,6 +117,8 @@ def _engine_kwargs(model_path: str, cfg: EngineConfig, constraint: AnswerConstra
             from icdray.vllm_ext import NoRepeatCodes
 
             extra["logits_processors"] = [NoRepeatCodes]
+    if cfg.sleep_mode:
+        extra["enable_sleep_mode"] = True
     if on_cpu:
         # a request split over prefill chunks rewinds its seeded generator, which a CPU generator cannot do
         # ("CPU Generator does not use offset"): prefill each prompt whole
@@ -179,6 +181,13 @@ class VLLMEngine:
         params = [self._params(spec, i) for i in range(len(prompts))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [[_sample(c) for c in out.outputs] for out in outs]
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (weights to host memory, KV cache dropped) while the learner trains."""
+        self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        self.llm.wake_up()
 
     def load(self, weights: dict[str, Any]) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})

@@ -251,3 +251,21 @@ def test_transformers_rollout_backend(store, tmp_path):
     m = grpo.run(cfg, output=str(tmp_path / "grpo")).history[0]
     assert m["completion_tokens"] > 0 and "loss" in m
     assert m["sampler_logprob_gap"] < 1e-3  # generate()'s log-probs are the learner's
+
+
+@pytest.mark.slow
+def test_weight_sync_by_broadcast_to_two_rollout_workers(store):
+    # grpo.weight_sync=broadcast: one gloo collective from learner rank 0 to both engines (NCCL on GPUs),
+    # tied embeddings included; the same exactness checks as the object-store path
+    cfg = _cfg(
+        store,
+        "grpo.model=tiny-tied",
+        "grpo.lora=false",
+        "grpo.lr=1e-2",
+        "grpo.weight_sync=broadcast",
+        "grpo.weight_bucket_mb=1",  # several buckets
+        "grpo.rollout_workers=2",
+        "grpo.rollout_cpus=0.4",
+        "grpo.engine.kv_cache_gb=1",
+    )
+    _sync_check(cfg, "tiny-tied", [list(range(100, 400)), [*range(100, 300), 7, 8, 9]])

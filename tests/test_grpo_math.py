@@ -82,3 +82,18 @@ def test_truncated_importance_weights_and_token_weights():
     assert plain.loss.item() == pytest.approx(-1.0) and weighted.loss.item() == pytest.approx(
         -float(w.mean())
     )
+
+
+def test_weight_buckets_keep_one_dtype_and_the_size_bound():
+    from icdray.grpo.weights import ParamMeta, buckets
+
+    meta = [
+        ParamMeta("a", (256,), "float32"),  # 1 KiB
+        ParamMeta("b", (256,), "float32"),
+        ParamMeta("c", (512,), "bfloat16"),  # 1 KiB, another dtype: a new bucket
+        ParamMeta("d", (4096,), "float32"),  # 16 KiB, over the bound: a bucket of its own
+        ParamMeta("e", (8,), "float32"),
+    ]
+    got = buckets(meta, 2048)
+    assert got == [[0, 1], [2], [3], [4]]
+    assert sorted(i for b in got for i in b) == list(range(len(meta)))  # every tensor once, in order

@@ -65,3 +65,13 @@ def test_unknown_reward_and_length_penalty():
     with pytest.raises(ValueError, match="unknown reward"):
         reward.score_batch([PERFECT], [GOLD], [NOTE], weights={"bogus": 1.0})
     assert reward.length_reward(["x" * 100, "x" * 300], max_chars=200) == [0.0, -0.5]
+
+
+def test_edits_reward_penalises_charts_the_edits_would_block():
+    clean = answer(("N17.9", "acute kidney injury"), ("I10", "HTN"))
+    blocked = answer(("G63", "polyneuropathy"), ("E11.9", "type 2 diabetes"))  # manifestation as principal
+    warned = answer(("E11.22", "diabetic CKD"))  # without its N18 partner: a warning
+    got = reward.edits_reward([clean, blocked, warned])
+    assert got[0] == 0.0 and got[1] <= -1.0 and -1.0 < got[2] < 0.0
+    total, parts = reward.score_batch([blocked], [GOLD], [NOTE], weights={"edits": 0.5})
+    assert total == [0.5 * parts["edits"][0]]

@@ -310,6 +310,25 @@ class Learner:
             if gather:
                 gather.__exit__(None, None, None)
 
+    def open_weight_channel(self, address: str, world: int, backend: str, bucket_mb: int) -> list[Any]:
+        """Rank 0 joins the broadcast group (grpo.weight_sync=broadcast) as its sender and returns the parameter
+        list the receivers allocate (every rank is called: the others only join the gather)."""
+        from icdray.grpo import weights
+
+        state = self.export_weights()  # every rank joins a ZeRO-3 gather; rank 0 gets the weights
+        if self.rank != 0:
+            return []
+        meta = weights.describe(state)
+        del state
+        self.channel = weights.Channel(address, 0, world, backend, bucket_mb)
+        self.weight_meta = meta
+        return meta
+
+    def broadcast_weights(self) -> int:
+        """Send the merged weights to every rollout worker of the group; returns the bytes sent."""
+        state = self.export_weights()  # every rank joins a ZeRO-3 gather
+        return self.channel.send(state, self.weight_meta) if self.rank == 0 else 0
+
     def digest(self) -> str:
         """sha256 of this rank's full weights (ranks of one run must agree after every step)."""
         return training.params_digest(self.engine.module)

@@ -159,6 +159,7 @@ class Controller:
             threads=g.engine.threads or max(1, int(g.rollout_cpus)),
             threads_bind=cpu_bind(g.engine.threads_bind),
             max_model_len=max(g.engine.max_model_len, cfg.inputs.max_prompt_tokens + self.max_tokens + 8),
+            sleep_mode=g.engine.sleep_mode or (g.placement == "colocated" and g.engine.device == "cuda"),
         )
         self.learner_cls = ray.remote(Learner)
         self.rollout_cls = ray.remote(RolloutWorker)
@@ -172,6 +173,12 @@ class Controller:
         rw = ray.remote(RewardWorker).options(num_cpus=g.reward_cpus)
         self.rewards = [rw.remote(g.reward) for _ in range(g.reward_workers)]
         self.weights_ref: Any = None  # current policy weights in the object store (None = the model on disk)
+        self.weight_meta: list[Any] | None = None  # broadcast sync: the group's parameter list once formed
+        self.node = node
+        if g.placement not in ("disaggregated", "colocated"):
+            raise ValueError(f"grpo.placement must be disaggregated or colocated, got {g.placement!r}")
+        if g.weight_sync not in ("object_store", "broadcast"):
+            raise ValueError(f"grpo.weight_sync must be object_store or broadcast, got {g.weight_sync!r}")
         self.version = 0
         self.restarts = 0
         ray.get([w.stats.remote() for w in self.rollout] + [r.score.remote([], [], []) for r in self.rewards])
@@ -227,8 +234,14 @@ class Controller:
                     )
                     self.restarts += 1
                     self.rollout[i] = self._new_rollout()
+                    if self.version and self.weights_ref is None:  # broadcast sync: no copy in the store
+                        self.weights_ref = self.learners[0].export_weights.remote()
+                        ray.get([lr.export_weights.remote() for lr in self.learners[1:]])
                     if self.weights_ref is not None:
                         ray.get(self.rollout[i].update_weights.remote(self.weights_ref, self.version))
+                    self.weight_meta = (
+                        None  # the broadcast group lost a member: formed again at the next sync
+                    )
                     refs[i] = submit(i)
         return [group for i in sorted(out) for group in out[i]]
 
@@ -273,10 +286,45 @@ class Controller:
         merged["seconds"] = max(o["seconds"] for o in outs)
         return merged
 
+    def call_rollouts(self, method: str) -> None:
+        import ray
+
+        ray.get([getattr(w, method).remote() for w in self.rollout])
+
+    def _open_weight_channel(self) -> None:
+        """Form the broadcast group: learner rank 0 (its TCPStore on rank 0's node) and every rollout worker."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        g = self.g
+        backend = g.weight_backend if g.weight_backend != "auto" else "nccl" if g.use_gpu else "gloo"
+        where = NodeAffinitySchedulingStrategy(self.node, soft=False)
+        _, address = ray.get(
+            ray.remote(_free_address).options(num_cpus=0, scheduling_strategy=where).remote()
+        )
+        world = 1 + len(self.rollout)
+        metas = [
+            lr.open_weight_channel.remote(address, world, backend, g.weight_bucket_mb) for lr in self.learners
+        ]
+        joined = [
+            w.open_weight_channel.remote(address, r + 1, world, backend, g.weight_bucket_mb)
+            for r, w in enumerate(self.rollout)
+        ]
+        self.weight_meta = ray.get(metas)[0]
+        ray.get(joined)
+
     def sync(self, version: int) -> float:
         import ray
 
         t = time.time()
+        if self.g.weight_sync == "broadcast":
+            if self.weight_meta is None:
+                self._open_weight_channel()
+            self.weights_ref = None
+            sent = [lr.broadcast_weights.remote() for lr in self.learners]
+            ray.get([w.receive_weights.remote(self.weight_meta, version) for w in self.rollout] + sent)
+            self.version = version
+            return time.time() - t
         refs = [lr.export_weights.remote() for lr in self.learners]
         self.weights_ref = refs[0]  # rank 0 holds the merged weights
         ray.get(refs[1:])
@@ -412,9 +460,15 @@ def train_step(
     got = collect(ctl, train, step, timer, hooks)
     upd: dict[str, float] = {}
     if got.rows:
+        colocated = g.placement == "colocated"
+        if colocated:
+            with timer.phase("sleep"):
+                ctl.call_rollouts("sleep")
         with timer.phase("update"):
             upd = ctl.update(got.rows)
         with timer.phase("sync"):
+            if colocated:
+                ctl.call_rollouts("wake")
             ctl.sync(step)
     hooks.after_update(step, ctl)
     if step % max(1, g.checkpoint_every) == 0 or step == g.steps:

@@ -106,6 +106,23 @@ def evidence_reward(
     return out
 
 
+def edits_reward(
+    completions: Sequence[str], *, parsed: Sequence[prompts.Answer] | None = None, **_: Any
+) -> list[float]:
+    """-1 for an answer the coding edits would block (an error: Excludes1 conflict, manifestation or
+    external cause as principal, ...), -0.25 per warning up to -1 more; 0 for a clean chart. Age and sex
+    are not in the prompt, so the age/sex edits do not apply here."""
+    from icdray import edits
+
+    out = []
+    for a in _parsed(completions, parsed):
+        found = edits.edits(a.codes) if a.codes else []
+        errors = sum(e.severity == "error" for e in found)
+        warnings = len(found) - errors
+        out.append(-(1.0 if errors else 0.0) - min(1.0, 0.25 * warnings))
+    return out
+
+
 def length_reward(completions: Sequence[str], *, max_chars: int = 6000, **_: Any) -> list[float]:
     return [-max(0, len(c or "") - max_chars) / max_chars for c in completions]
 
@@ -116,6 +133,7 @@ REWARDS: dict[str, Callable[..., list[float]]] = {
     "hierarchy": hierarchy_reward,
     "invalid": invalid_reward,
     "evidence": evidence_reward,
+    "edits": edits_reward,
     "length": length_reward,
 }
 

@@ -3,14 +3,16 @@
     controller --generate(prompt ids, SamplingSpec)--> RolloutWorker x N
         -> per prompt: G Samples (completion token ids, the sampler's log-prob of each, text)
     learner --export_weights--> object store --update_weights--> every RolloutWorker
+            (or --broadcast (gloo | NCCL)--> receive_weights, grpo.weight_sync=broadcast)
 
 Each worker holds one engine (`icdray.engine`: vLLM by default, transformers as the fallback), built
 from `grpo.engine`, the same settings record evaluation and Serve use. With constrained rollouts the
 engine samples under the answer grammar of the run's label space and returns the log-probs of that
 masked distribution; the learner rebuilds the same mask (`grpo/masks.py`).
 
-Left out: NCCL weight broadcast between GPU nodes (the object store carries the weights), rollouts
-that overlap the update (asynchronous, off-policy).
+Weights arrive either through the object store (`update_weights`) or by a broadcast from the learner
+(`receive_weights`, gloo on CPU, NCCL on GPU: `grpo/weights.py`). Left out: rollouts that overlap the
+update (asynchronous, off-policy).
 """
 
 from __future__ import annotations
@@ -49,6 +51,28 @@ class RolloutWorker:
         """Load a full state dict (HF parameter names) from the learner; returns the seconds it took."""
         t = time.time()
         self.engine.load(weights)
+        self.version = version
+        self.counters["load_s"] += time.time() - t
+        return time.time() - t
+
+    def sleep(self) -> None:
+        """Colocated placement: give the GPU to the learner (engines without a sleep mode keep running)."""
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()
+
+    def wake(self) -> None:
+        if hasattr(self.engine, "wake"):
+            self.engine.wake()
+
+    def open_weight_channel(self, address: str, rank: int, world: int, backend: str, bucket_mb: int) -> None:
+        from icdray.grpo.weights import Channel
+
+        self.channel = Channel(address, rank, world, backend, bucket_mb)
+
+    def receive_weights(self, meta: list[Any], version: int) -> float:
+        """Take the learner's broadcast (grpo.weight_sync=broadcast); returns the seconds it took."""
+        t = time.time()
+        self.engine.load(self.channel.receive(meta))
         self.version = version
         self.counters["load_s"] += time.time() - t
         return time.time() - t
