@@ -39,7 +39,7 @@ icdray sft --storage "$work" --model smollm2-135m --set sft.use_gpu=true --set s
   --set sft.num_workers=1 --set sft.limit=64 --set sft.val_fraction=0
 icdray grpo --storage "$work" --set grpo.use_gpu=true --set grpo.dtype=bfloat16 \
   --set grpo.engine.device=cuda --set grpo.engine.dtype=bfloat16 --set grpo.engine.enforce_eager=false \
-  --set grpo.engine.gpu_memory_utilization=0.35 --set grpo.rollout_gpus=0.5 --set grpo.rollout_cpus=2 \
+  --set grpo.engine.gpu_memory_utilization=0.35 --set grpo.rollout_gpus=0.5 --set grpo.learner_gpus=0.5 --set grpo.rollout_cpus=2 \
   --set grpo.weight_sync=broadcast --set grpo.steps=4 --set grpo.prompts_per_step=16 --set grpo.group_size=8 \
   --set grpo.val_every=4 --set grpo.val_notes=16 --set grpo.checkpoint_every=4
 $py - "$work" <<'PY'

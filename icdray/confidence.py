@@ -7,8 +7,8 @@ distribution's probabilities: forced characters contribute 1). It says how sure 
 
 Calibration: isotonic regression of "the code is in gold" on the raw score over every code the model
 wrote for the validation notes (monotone, so the ranking is the model's), stored as a step function
-(`Calibration.points`). `threshold_for(precision)` picks the lowest confidence whose codes reach that
-precision on validation; a chart is `auto_eligible` when every code clears it and no edit blocks it.
+(`Calibration.points`). `fit` also picks the threshold: the lowest confidence whose codes reach the
+target precision (`evaluate.auto_precision`) on validation; a chart is `auto_eligible` when every code clears it and no edit blocks it.
 The reliability table (`bins`) and plot show predicted vs observed precision.
 """
 

@@ -61,7 +61,7 @@ class BaselineConfig:
     C: float = 8.0  # weak regularisation: each label has few positives
     rare_max: int = 10  # codes with <= this many training admissions are "rare" in the report
     n_jobs: int = 2  # parallel per-code fits (joblib processes)
-    encoder: bool = False  # also the MiniLM sentence-encoder baseline (~7 min here: in the long profile)
+    encoder: bool = False  # also the MiniLM sentence-encoder baseline (~7 min here: the long profile runs it)
     encoder_max_windows: int = 4  # 256-token windows embedded per note (the head of the note: HPI, course)
 
 
@@ -240,6 +240,7 @@ class GRPOConfig:
     weight_bucket_mb: int = 256
     learner_workers: int = 1  # DeepSpeed data-parallel ranks
     learner_cpus: float = 1.0
+    learner_gpus: float = 1.0  # per learner rank when use_gpu; < 1 shares the GPU (colocated placement)
     # torch threads per learner; 0 = its CPU share. Phases alternate, so on a small machine the learner may
     # use every core while the rollout engine waits
     learner_threads: int = 2
@@ -258,6 +259,8 @@ class EvaluateConfig:
     max_new_tokens: int = 256
     # notes that also get a free answer (the format check): the first N scored ones; 0 = all, -1 = none
     free_limit: int = 25
+    # calibration: a chart is auto_eligible when every code's confidence reaches this validated precision
+    auto_precision: float = 0.9
     batch_size: int = 100  # prompts per engine call: vLLM batches them all
     workers: int = 1  # Ray Data actors holding an engine each
     cpus_per_worker: float = 2.0

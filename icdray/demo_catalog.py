@@ -1,6 +1,6 @@
 """Clinical content for the demo-data generator: conditions, how notes word them, what treats them.
 
-Each entry is hand-written from how MIMIC-IV discharge notes and their codes look (design.md §8:
+Each entry is hand-written from how MIMIC-IV discharge notes and their codes look (docs/data.md:
 most frequent codes, strong pairs, acute principal diagnoses). Codes are checked against the bundled
 ICD-10-CM release by the tests. The long tail of rare codes is not listed here: `demo_data` draws it
 from the release itself, worded from official descriptions and inclusion terms.

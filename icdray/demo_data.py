@@ -64,7 +64,7 @@ ICD9_CODES = {
     "2449": "Unspecified acquired hypothyroidism",
     "53081": "Esophageal reflux",
 }
-# Codes MIMIC-IV was coded with that later releases turned into categories (design.md §3).
+# Codes MIMIC-IV was coded with that later releases turned into categories (docs/data.md).
 RETIRED = {"E87.2": "Acidosis", "N18.3": "Chronic kidney disease, stage 3 (moderate)", "R51": "Headache"}
 CKD_STAGES = (
     ("N18.30", "CKD stage 3", 0.45),

@@ -206,7 +206,7 @@ def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str
     }
 
 
-def calibrate(cfg: Config, model: str, name: str, target_precision: float = 0.9) -> dict[str, Any]:
+def calibrate(cfg: Config, model: str, name: str) -> dict[str, Any]:
     """Fit the confidence calibration of `model` on the validation split (constrained greedy answers: each
     code's raw score vs whether it is in gold) and save it as `reports/calibration.json`, which Serve loads."""
     from transformers import AutoTokenizer
@@ -233,7 +233,7 @@ def calibrate(cfg: Config, model: str, name: str, target_precision: float = 0.9)
         for code in prompts.parse_answer(text).codes:
             raw.append(scores.get(code, 0.0))
             correct.append(code in gold)
-    cal = confidence.fit(raw, correct, target_precision)
+    cal = confidence.fit(raw, correct, cfg.evaluate.auto_precision)
     result = {
         "model": name,
         "model_path": path,

@@ -62,7 +62,7 @@ def parse_ids(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
 
 
 def load_codebook(root: str) -> codes.Codebook:
-    """Release ∪ MIMIC's own ICD-10 titles: codes valid when MIMIC was coded are not invalid (design.md §3)."""
+    """Release ∪ MIMIC's own ICD-10 titles: codes valid when MIMIC was coded are not invalid (docs/data.md)."""
     t = read_csv(root, D_ICD, ["icd_code", "icd_version", "long_title"])
     t = t.filter(pc.equal(pc.utf8_trim_whitespace(t["icd_version"]), "10"))
     return codes.Codebook(dict(zip(t["icd_code"].to_pylist(), t["long_title"].to_pylist(), strict=True)))

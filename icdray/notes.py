@@ -1,7 +1,6 @@
 """Discharge-note text: sections, cleaning, leakage removal and a token budget.
 
-MIMIC-IV discharge summaries are plain text whose sections start with a `Heading:` line (design.md
-§7). `prepare_note` keeps the note's own words (coders cite them as evidence), removes the
+MIMIC-IV discharge summaries are plain text whose sections start with a `Heading:` line (docs/data.md). `prepare_note` keeps the note's own words (coders cite them as evidence), removes the
 "Discharge Diagnosis" section by default (it states the answer), and fits the note into a token
 budget by dropping the sections that carry least coding signal before cutting text.
 

@@ -179,6 +179,18 @@ def plan(cfg: Config) -> list[StagePlan]:
     )
     out.append(
         StagePlan(
+            "calibrate",
+            storage.exists(storage.join(where.reports, "calibration.json")),
+            {
+                "model": rows[-1],
+                "notes": e.limit or "all",
+                "split": "val",
+                "output": storage.join(where.reports, "calibration.json"),
+            },
+        )
+    )
+    out.append(
+        StagePlan(
             "report",
             storage.exists(storage.join(where.reports, "results.json")),
             {"output": storage.join(where.reports, "results.md")},

@@ -13,7 +13,7 @@ per epoch from the seed). The driver builds it once; every rank takes its slice 
 Everything the loop needs arrives in its `config` argument. A lost worker (or the fault drill
 `sft.fail_at_step`) makes Ray Train restart the group from the last reported checkpoint
 (`FailureConfig(max_failures)`); re-running the job with the same storage resumes the same run.
-Left out: sequence packing, gradient checkpointing (not needed at these sizes), multi-node NCCL tuning.
+Left out: sequence packing, multi-node NCCL tuning.
 """
 
 from __future__ import annotations

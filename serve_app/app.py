@@ -64,7 +64,6 @@ DEFAULTS: dict[str, Any] = {
     "max_codes": 25,
     "max_batch_size": 8,  # static batching only
     "batch_wait_timeout_s": 0.05,
-    "auto_precision": 0.9,  # a chart is auto_eligible when every code reaches this validated precision
 }
 
 

@@ -88,6 +88,7 @@ def test_plan_shows_the_profiles_own_numbers(tmp_path):
         "sft",
         "grpo",
         "evaluate",
+        "calibrate",
         "report",
     ]  # no demo data
     assert all(s["status"] == "todo" for s in gpu.values())

@@ -143,6 +143,7 @@ def test_grpo_step_with_vllm_on_cuda_and_nccl_broadcast(store):
             "grpo.engine.constrained=false",
             "grpo.engine.gpu_memory_utilization=0.3",
             "grpo.rollout_gpus=0.4",
+            "grpo.learner_gpus=0.5",  # both on one GPU
             "grpo.weight_sync=broadcast",
             "grpo.weight_backend=nccl",
         ],

@@ -135,3 +135,39 @@ def test_smollm2_loads_offline_and_generates():
     out = model.generate(**enc, max_new_tokens=30, do_sample=False)
     text = tok.decode(out[0][enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "blood pressure" in text.lower()  # a real pretrained model answers, random weights would not
+
+
+@pytest.mark.slow
+def test_a_short_sft_raises_constrained_f1_on_its_notes(ray_session, demo_root, tmp_path):
+    """The learning smoke test: a few minutes of SFT on a handful of notes, and the constrained answers on
+    those notes score above the base model's (which knows nothing of ICD-10)."""
+    from icdray import evaluate
+
+    root = str(tmp_path / "store")
+    prepare.run(PrepareConfig(max_note_tokens=200, top_k_codes=20), root, demo_root)
+    small = ["answer.max_codes=4", "answer.max_reasoning_chars=24", "answer.max_evidence_chars=16"]
+    distill.run(load_config(None, [f"storage={root}", "teacher.limit=8", *small]))
+    cfg = load_config(
+        None,
+        [
+            f"storage={root}",
+            *small,
+            "sft.model=tiny",
+            "sft.limit=8",
+            "sft.epochs=25",
+            "sft.lr=3e-3",
+            "sft.num_workers=1",
+            "sft.cpus_per_worker=2",
+            "sft.val_fraction=0",
+            "evaluate.split=train",  # the notes it trained on: this checks learning, not generalisation
+            "evaluate.limit=8",
+            "evaluate.free_limit=-1",
+            "evaluate.engine.kv_cache_gb=1",
+        ],
+    )
+    out = str(tmp_path / "sft")
+    sft.run(cfg, output=out, run_name="learns")
+    base = evaluate.run(cfg, "tiny", name="base-tiny", role="base")["rows"][0]
+    tuned = evaluate.run(cfg, out, name="sft-tiny", role="sft")["rows"][0]
+    assert tuned["n"] == base["n"] == 8
+    assert tuned["sample_f1"] > base["sample_f1"] + 0.2, (base["sample_f1"], tuned["sample_f1"])

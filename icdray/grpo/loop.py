@@ -7,7 +7,9 @@
         advantages group-relative (algo.py); flat groups dropped; while too few groups carry signal,
                   more notes are drawn within the step (`extra_draws`, DAPO's dynamic sampling)
         update    Learner x W (DeepSpeed): shared-prefix packing, the sampler's token mask, clipped loss
-        sync      learner rank 0 -> object store -> every rollout worker
+        sync      learner rank 0 -> object store -> every rollout worker (grpo.weight_sync=object_store),
+                  or one broadcast over gloo/NCCL (broadcast: grpo/weights.py); colocated placement
+                  puts the engines to sleep for the update and wakes them for the sync
         checkpoint every N steps; validate (greedy sample-F1 on val) every M steps
     one JSON line per step in checkpoints/grpo/metrics.jsonl; the final merged model in checkpoints/grpo/
 
@@ -190,7 +192,7 @@ class Controller:
         g = self.g
         where = NodeAffinitySchedulingStrategy(node, soft=False) if rank == 0 else "DEFAULT"
         return self.learner_cls.options(
-            num_cpus=g.learner_cpus, num_gpus=1 if g.use_gpu else 0, scheduling_strategy=where
+            num_cpus=g.learner_cpus, num_gpus=g.learner_gpus if g.use_gpu else 0, scheduling_strategy=where
         )
 
     def _new_rollout(self) -> Any:
