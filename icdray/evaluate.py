@@ -86,15 +86,16 @@ def default_name(model: str) -> str:
 
 
 def _answers(
-    cfg: Config, model: str, split: str, modes: tuple[str, ...] | None = None
+    cfg: Config, model: str, split: str, modes: tuple[str, ...] | None = None, limit: int | None = None
 ) -> tuple[Any, Any, str, Any]:
     """(notes of the split, the engine's answers aligned with them, the model's local path, the constraint)."""
     import ray
 
     ecfg = cfg.evaluate
     table = layout.read_split(cfg.storage, split, ["hadm_id", "note", "medications", "codes"])
-    if ecfg.limit:
-        table = table.slice(0, ecfg.limit)
+    limit = ecfg.limit if limit is None else limit
+    if limit:
+        table = table.slice(0, limit)
     path = models.resolve(model)  # fail fast (and build a registry model once) before starting actors
     constrained = ecfg.engine.constrained and ecfg.engine.backend == "vllm"
     constraint = grammar.constraint(layout.label_space(cfg.storage), cfg.answer) if constrained else None
@@ -214,7 +215,9 @@ def calibrate(cfg: Config, model: str, name: str) -> dict[str, Any]:
     from icdray import confidence, storage
 
     start = time.time()
-    table, out, path, constraint = _answers(cfg, model, "val", ("constrained",))
+    table, out, path, constraint = _answers(
+        cfg, model, "val", ("constrained",), limit=cfg.evaluate.calibration_limit
+    )
     if constraint is None:
         raise ValueError(
             "calibration needs constrained decoding (evaluate.engine.constrained=true, backend vllm)"

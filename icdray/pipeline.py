@@ -183,7 +183,7 @@ def plan(cfg: Config) -> list[StagePlan]:
             storage.exists(storage.join(where.reports, "calibration.json")),
             {
                 "model": rows[-1],
-                "notes": e.limit or "all",
+                "notes": e.calibration_limit or "all",
                 "split": "val",
                 "output": storage.join(where.reports, "calibration.json"),
             },
@@ -302,7 +302,9 @@ def run(
     if done["calibrate"]:
         head("calibrate", "reports/calibration.json exists, skipped")
     else:
-        head("calibrate", f"confidence of {row} on {cfg.evaluate.limit or 'all'} validation notes")
+        head(
+            "calibrate", f"confidence of {row} on {cfg.evaluate.calibration_limit or 'all'} validation notes"
+        )
         cal = evaluate.calibrate(cfg, model, row)["calibration"]
         print(
             f"  threshold {cal['threshold']:.2f}: precision {cal['precision_at_threshold']:.3f}, "

@@ -28,6 +28,10 @@ BASE = [
     "grpo.val_every=0",
     "grpo.checkpoint_every=2",
     "grpo.extra_draws=0",
+    # free sampling: these tests compare the engine with the learner's own greedy decoding (constrained
+    # rollouts and their masked log-probs are tests/test_grpo_exact.py's)
+    "grpo.engine.constrained=false",
+    "grpo.engine.no_repeat_codes=false",
 ]
 LENGTH_ONLY = [  # a reward the random tiny model can move in a few dozen steps: shorter answers
     *(f"grpo.reward.{k}=0" for k in ("format", "code_f1", "hierarchy", "invalid", "evidence")),
@@ -265,7 +269,7 @@ def test_weight_sync_by_broadcast_to_two_rollout_workers(store):
         "grpo.weight_sync=broadcast",
         "grpo.weight_bucket_mb=1",  # several buckets
         "grpo.rollout_workers=2",
-        "grpo.rollout_cpus=0.4",
+        "grpo.rollout_cpus=0.35",  # + learner 1 + reward 0.25 fit 2 CPUs
         "grpo.engine.kv_cache_gb=1",
     )
     _sync_check(cfg, "tiny-tied", [list(range(100, 400)), [*range(100, 300), 7, 8, 9]])
