@@ -16,15 +16,15 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from icdray import chat, coding, grammar, layout, models, storage
+from icdray import chat, coding, evaluate, grammar, layout, models, storage
 from icdray.config import Config, EngineConfig, InputConfig
-from icdray.engine import SamplingSpec, cpu_bind, make_engine
+from icdray.engine import SamplingSpec, make_engine
 
 ID_COLUMNS = ("id", "note_id", "hadm_id")
 MAX_NOTE_CHARS = 100_000
@@ -239,7 +239,6 @@ def default_model(root: str) -> str:
 def run(cfg: Config, input_path: str, out_dir: str, model: str = "", fhir: bool = False) -> BatchSummary:
     """Code every note of `input_path` into `out_dir`. Needs Ray initialised."""
     import pyarrow.parquet as pq
-    import ray
 
     start = time.time()
     summary = BatchSummary(input_path, out_dir)
@@ -262,15 +261,7 @@ def run(cfg: Config, input_path: str, out_dir: str, model: str = "", fhir: bool 
     constraint = grammar.constraint(
         layout.label_space(cfg.storage) if layout.Layout(cfg.storage).done("prepare") else None, cfg.answer
     )
-    engine = replace(
-        ecfg.engine,
-        constrained=True,
-        threads=ecfg.engine.threads or max(1, int(ecfg.cpus_per_worker)),
-        threads_bind=cpu_bind(ecfg.engine.threads_bind),
-        max_model_len=max(
-            ecfg.engine.max_model_len, cfg.inputs.max_prompt_tokens + constraint.max_tokens + 8
-        ),
-    )
+    engine = evaluate.engine_settings(cfg, constraint.max_tokens, constrained=True)
     table = pa.Table.from_pylist(
         good,
         schema=pa.schema(
@@ -283,24 +274,14 @@ def run(cfg: Config, input_path: str, out_dir: str, model: str = "", fhir: bool 
             ]
         ),
     )
-    size = max(1, ecfg.batch_size)
-    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
-    ds = ds.map_batches(
-        ChartCoder,
-        batch_format="pyarrow",
-        batch_size=None,
-        compute=ray.data.ActorPoolStrategy(size=ecfg.workers),
-        num_cpus=ecfg.cpus_per_worker,
-        num_gpus=ecfg.gpus_per_worker,
-        fn_constructor_kwargs={
-            "model": path,
-            "engine": engine,
-            "constraint": constraint,
-            "inputs": cfg.inputs,
-            "calibration": _calibration(cfg.storage),
-        },
-    )
-    coded = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    kwargs = {
+        "model": path,
+        "engine": engine,
+        "constraint": constraint,
+        "inputs": cfg.inputs,
+        "calibration": _calibration(cfg.storage),
+    }
+    coded = evaluate.on_actor_pool(table, ChartCoder, ecfg, kwargs)
     order = {r["id"]: i for i, r in enumerate(good)}
     coded = coded.take(sorted(range(coded.num_rows), key=lambda i: order[coded["id"][i].as_py()]))
     pq.write_table(coded.drop_columns(["chart"]), f"{out}/codes.parquet", filesystem=fs)

@@ -85,11 +85,41 @@ def default_name(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", model.rstrip("/").split("/")[-1] if "/" in model else model)
 
 
+def engine_settings(cfg: Config, max_new_tokens: int, **overrides: Any) -> EngineConfig:
+    """`evaluate.engine` for one Ray Data actor: its CPU share as threads, room for prompt + answer."""
+    ecfg = cfg.evaluate
+    return replace(
+        ecfg.engine,
+        threads=ecfg.engine.threads or max(1, int(ecfg.cpus_per_worker)),
+        threads_bind=cpu_bind(ecfg.engine.threads_bind),
+        max_model_len=max(ecfg.engine.max_model_len, cfg.inputs.max_prompt_tokens + max_new_tokens + 8),
+        **overrides,
+    )
+
+
+def on_actor_pool(table: pa.Table, actor: type, ecfg: Any, kwargs: dict[str, Any]) -> pa.Table:
+    """`table` through `evaluate.workers` actors of `actor` (one engine each) in batches of
+    `evaluate.batch_size` rows; the outputs concatenated (in completion order)."""
+    import ray
+
+    size = max(1, ecfg.batch_size)
+    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
+    ds = ds.map_batches(
+        actor,
+        batch_format="pyarrow",
+        batch_size=None,
+        compute=ray.data.ActorPoolStrategy(size=ecfg.workers),
+        num_cpus=ecfg.cpus_per_worker,
+        num_gpus=ecfg.gpus_per_worker,
+        fn_constructor_kwargs=kwargs,
+    )
+    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+
+
 def _answers(
     cfg: Config, model: str, split: str, modes: tuple[str, ...] | None = None, limit: int | None = None
 ) -> tuple[Any, Any, str, Any]:
     """(notes of the split, the engine's answers aligned with them, the model's local path, the constraint)."""
-    import ray
 
     ecfg = cfg.evaluate
     table = layout.read_split(cfg.storage, split, ["hadm_id", "note", "medications", "codes"])
@@ -104,39 +134,17 @@ def _answers(
     free_ids = (
         table["hadm_id"].to_pylist()[: ecfg.free_limit] if constrained and ecfg.free_limit > 0 else None
     )
-    max_len = (
-        cfg.inputs.max_prompt_tokens
-        + max(ecfg.max_new_tokens, constraint.max_tokens if constraint else 0)
-        + 8
-    )
-    engine = replace(
-        ecfg.engine,
-        threads=ecfg.engine.threads or max(1, int(ecfg.cpus_per_worker)),
-        threads_bind=cpu_bind(ecfg.engine.threads_bind),
-        max_model_len=max(ecfg.engine.max_model_len, max_len),
-    )
-    rows_per_batch = max(1, ecfg.batch_size)
-    ds = ray.data.from_arrow(
-        [table.slice(i, rows_per_batch) for i in range(0, table.num_rows, rows_per_batch)]
-    )
-    ds = ds.map_batches(
-        Coder,
-        batch_format="pyarrow",
-        batch_size=None,
-        compute=ray.data.ActorPoolStrategy(size=ecfg.workers),
-        num_cpus=ecfg.cpus_per_worker,
-        num_gpus=ecfg.gpus_per_worker,
-        fn_constructor_kwargs={
-            "model": path,
-            "engine": engine,
-            "constraint": constraint,
-            "modes": modes,
-            "max_new_tokens": ecfg.max_new_tokens,
-            "inputs": cfg.inputs,
-            "free_ids": free_ids,
-        },
-    )
-    out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("hadm_id")
+    max_new = max(ecfg.max_new_tokens, constraint.max_tokens if constraint else 0)
+    kwargs = {
+        "model": path,
+        "engine": engine_settings(cfg, max_new),
+        "constraint": constraint,
+        "modes": modes,
+        "max_new_tokens": ecfg.max_new_tokens,
+        "inputs": cfg.inputs,
+        "free_ids": free_ids,
+    }
+    out = on_actor_pool(table, Coder, ecfg, kwargs).sort_by("hadm_id")
     by_id = {h: i for i, h in enumerate(out["hadm_id"].to_pylist())}
     return table, out.take([by_id[h] for h in table["hadm_id"].to_pylist()]), path, constraint
 
