@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from icdray import chat, grammar, layout, models, prompts, results
 from icdray.config import Config, EngineConfig, InputConfig
-from icdray.engine import SamplingSpec, cpu_bind, make_engine
+from icdray.engine import SamplingSpec, bound_cores, cpu_bind, make_engine
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,14 @@ def on_actor_pool(table: pa.Table, actor: type, ecfg: Any, kwargs: dict[str, Any
     `evaluate.batch_size` rows; the outputs concatenated (in completion order)."""
     import ray
 
+    extra: dict[str, Any] = {}
+    engine: EngineConfig = kwargs["engine"]
+    if engine.device == "cpu":
+        # Ray Data may call the actor from another thread than the one that built the engine, and an
+        # OpenMP thread count set on one thread is not another's: Ray's OMP_NUM_THREADS (the actor's CPU
+        # share) must equal the cores vLLM binds, or its CPU attention aborts ("thread_num 1 vs. 2")
+        threads = str(bound_cores(engine.threads_bind))
+        extra["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": threads}}
     size = max(1, ecfg.batch_size)
     ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
     ds = ds.map_batches(
@@ -112,6 +120,7 @@ def on_actor_pool(table: pa.Table, actor: type, ecfg: Any, kwargs: dict[str, Any
         num_cpus=ecfg.cpus_per_worker,
         num_gpus=ecfg.gpus_per_worker,
         fn_constructor_kwargs=kwargs,
+        **extra,
     )
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 

@@ -522,7 +522,23 @@ class Coder:
 
 def build_app(user_config: dict[str, Any] | None = None, **options: Any) -> Any:
     """The app with a user_config (checkpoint, engine, batching...) and deployment options (num_replicas...)."""
-    return Coder.options(user_config={**DEFAULTS, **(user_config or {})}, **options).bind()
+    from icdray.engine import bound_cores
+
+    config = {**DEFAULTS, **(user_config or {})}
+    engine = {**DEFAULTS["engine"], **config["engine"]}
+    if engine.get("device", "cpu") == "cpu":
+        # the replica calls the engine from threads other than the one that built it; OpenMP's thread
+        # count is per thread, so the process default (OMP_NUM_THREADS, Ray's CPU share otherwise) must
+        # be the cores vLLM binds, or its CPU attention aborts ("thread_num 1 vs. 2")
+        actor = dict(options.get("ray_actor_options") or {"num_cpus": 1})
+        runtime_env = dict(actor.get("runtime_env") or {})
+        env_vars = dict(runtime_env.get("env_vars") or {})
+        env_vars.setdefault("OMP_NUM_THREADS", str(bound_cores(engine.get("threads_bind", "all"))))
+        options = {
+            **options,
+            "ray_actor_options": {**actor, "runtime_env": {**runtime_env, "env_vars": env_vars}},
+        }
+    return Coder.options(user_config=config, **options).bind()
 
 
 app = build_app(json.loads(os.environ.get("ICDRAY_SERVE_CONFIG", "{}")))
