@@ -171,13 +171,9 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Sample]]:
         from vllm.inputs import TokensPrompt
 
-        if self.on_cpu:
-            import torch
-
-            # OpenMP's thread count is per calling thread, and vLLM's CPU attention checks that the count it
-            # planned with is the count it runs with: a caller on another thread (Serve's thread pool) must
-            # set it too, or the kernel aborts ("thread_num ... 1 vs. 2")
-            torch.set_num_threads(self.threads)
+        # On CPU, a caller on another thread than the one that built the engine must see the same OpenMP
+        # thread count (it is per thread; vLLM refuses torch.set_num_threads after binding): the actors that
+        # do that (Ray Data's, Serve's) start with OMP_NUM_THREADS set to the bound cores.
         params = [self._params(spec, i) for i in range(len(prompts))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [[_sample(c) for c in out.outputs] for out in outs]
