@@ -26,6 +26,9 @@ class CodedItem:
     confidence: float  # calibrated when a calibration is given, else the raw score
     role: str  # principal | secondary
     sequence: int
+    # the decision rule (`confidence.apply_cut`): the quote is in the note and the raw confidence reaches
+    # the calibration's cut; a code that is not supported is still shown, for the coder to review
+    supported: bool = True
 
 
 @dataclass
@@ -68,6 +71,7 @@ def annotate(
                 confidence=round(calibration(score) if calibration else score, 4),
                 role="principal" if n == 0 else "secondary",
                 sequence=n + 1,
+                supported=span is not None and score >= (calibration.cut if calibration else 0.0),
             )
         )
     chart = [c.code for c in items if c.valid]

@@ -11,11 +11,18 @@ transformers for models vLLM cannot load. Two rows per model on the vLLM engine,
 - free: no grammar. The row measures whether the model has learned the format.
 The free pass runs second on the same engine, so the notes' prompt KV blocks are reused from the
 prefix cache. Greedy decoding, so a score is reproducible.
+Each row's answers are kept in `reports/predictions/<name>.jsonl` (codes with their evidence and the
+decoder's confidence, gold, flags): what an error analysis reads. `calibrate` fits the final model's
+confidence on validation and tunes the decision rule's cut (`confidence.tune_cut`); `rule_row` scores
+the test answers under that rule (a code stays when its quote is in the note and its confidence
+reaches the cut) as one more row, `<name>-supported`.
 Left out: sampling-based self-consistency (serving's confidence uses it).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import re
 import time
@@ -24,7 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from icdray import chat, grammar, layout, models, prompts, results
+from icdray import chat, confidence, evidence, grammar, layout, models, prompts, results, storage
 from icdray.config import Config, EngineConfig, InputConfig
 from icdray.engine import SamplingSpec, bound_cores, cpu_bind, make_engine
 
@@ -158,6 +165,63 @@ def _answers(
     return table, out.take([by_id[h] for h in table["hadm_id"].to_pylist()]), path, constraint
 
 
+@functools.lru_cache(maxsize=4)
+def token_pieces(path: str) -> tuple[str, ...]:
+    """Each token id's own text under the model's tokenizer (what `confidence.code_scores` reads)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return tuple(tok.decode([i]) for i in range(len(tok)))
+
+
+def scored_codes(
+    answer: prompts.Answer, ids: list[int], logprobs: list[float], path: str, note: str
+) -> list[confidence.Scored]:
+    """(code, raw confidence, its quote is in the note) for each code of `answer`, in answer order; the
+    confidence is 0 where no logprob covers the code."""
+    scores = confidence.code_scores(ids, logprobs, token_pieces(path)) if ids and logprobs else {}
+    quotes = {i.code: i.evidence for i in answer.items}
+    return [(c, scores.get(c, 0.0), evidence.quote_in_note(note, quotes.get(c, ""))) for c in answer.codes]
+
+
+def save_predictions(
+    root: str,
+    name: str,
+    hadm: list[int],
+    gold: list[list[str]],
+    answers: list[prompts.Answer],
+    scored: list[list[confidence.Scored]],
+) -> str:
+    """`reports/predictions/<name>.jsonl`: one line per admission."""
+    lines = []
+    for h, g, a, sc in zip(hadm, gold, answers, scored, strict=True):
+        quotes = {i.code: i.evidence for i in a.items}
+        lines.append(
+            json.dumps(
+                {
+                    "hadm_id": h,
+                    "gold": g,
+                    "codes": [
+                        {"code": c, "evidence": quotes.get(c, ""), "confidence": round(x, 6), "found": found}
+                        for c, x, found in sc
+                    ],
+                    "flags": sorted(a.flags),
+                }
+            )
+        )
+    path = layout.Layout(root).predictions(name)
+    storage.write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def read_predictions(root: str, name: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for line in storage.read_text(layout.Layout(root).predictions(name)).splitlines()
+        if line
+    ]
+
+
 def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str, Any]:
     """Generate, parse and score `model` on `evaluate.split`. Needs Ray initialised.
 
@@ -179,10 +243,22 @@ def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str
         gold, note_texts = sub["codes"].to_pylist(), sub["note"].to_pylist()
         texts = ans[f"answer_{mode}"].to_pylist()
         parsed = [prompts.parse_answer(t) for t in texts]
+        row_name = name if mode == "constrained" else f"{name}-free"
+        scored = [
+            scored_codes(a, i, lp, path, n)
+            for a, i, lp, n in zip(
+                parsed,
+                ans[f"ids_{mode}"].to_pylist(),
+                ans[f"logprobs_{mode}"].to_pylist(),
+                note_texts,
+                strict=True,
+            )
+        ]
+        save_predictions(cfg.storage, row_name, hadm, gold, parsed, scored)
         tokens = sum(out[f"tokens_{mode}"].to_pylist())
         generated += tokens
         row = results.make_row(
-            name if mode == "constrained" else f"{name}-free",
+            row_name,
             role,
             space,
             hadm,
@@ -227,10 +303,6 @@ def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str
 def calibrate(cfg: Config, model: str, name: str) -> dict[str, Any]:
     """Fit the confidence calibration of `model` on the validation split (constrained greedy answers: each
     code's raw score vs whether it is in gold) and save it as `reports/calibration.json`, which Serve loads."""
-    from transformers import AutoTokenizer
-
-    from icdray import confidence, storage
-
     start = time.time()
     table, out, path, constraint = _answers(
         cfg, model, "val", ("constrained",), limit=cfg.evaluate.calibration_limit
@@ -239,28 +311,68 @@ def calibrate(cfg: Config, model: str, name: str) -> dict[str, Any]:
         raise ValueError(
             "calibration needs constrained decoding (evaluate.engine.constrained=true, backend vllm)"
         )
-    tok = AutoTokenizer.from_pretrained(path)
-    pieces = [tok.decode([i]) for i in range(len(tok))]
-    raw, correct = [], []
-    for ids, lps, text, gold in zip(
-        out["ids_constrained"].to_pylist(),
-        out["logprobs_constrained"].to_pylist(),
-        out["answer_constrained"].to_pylist(),
-        table["codes"].to_pylist(),
-        strict=True,
-    ):
-        scores = confidence.code_scores(ids, lps, pieces)
-        for code in prompts.parse_answer(text).codes:
-            raw.append(scores.get(code, 0.0))
-            correct.append(code in gold)
+    golds = table["codes"].to_pylist()
+    parsed = [prompts.parse_answer(t) for t in out["answer_constrained"].to_pylist()]
+    answers = [
+        scored_codes(a, ids, lps, path, note)
+        for a, ids, lps, note in zip(
+            parsed,
+            out["ids_constrained"].to_pylist(),
+            out["logprobs_constrained"].to_pylist(),
+            table["note"].to_pylist(),
+            strict=True,
+        )
+    ]
+    save_predictions(cfg.storage, f"{name}@val", table["hadm_id"].to_pylist(), golds, parsed, answers)
+    raw = [x for a in answers for _, x, _ in a]
+    correct = [c in g for a, g in zip(answers, golds, strict=True) for c, _, _ in a]
     cal = confidence.fit(raw, correct, cfg.evaluate.auto_precision)
+    cut, rule_f1, written_f1 = confidence.tune_cut(answers, golds)
+    cal.cut = cut
     result = {
         "model": name,
         "model_path": path,
         "split": "val",
         "notes": table.num_rows,
         "calibration": cal.to_dict(),
+        # the decision rule (quote in the note, confidence >= cut) and validation sample-F1 with/without it
+        "rule": {"cut": cut, "val_sample_f1": rule_f1, "val_sample_f1_as_written": written_f1},
         "seconds": round(time.time() - start, 1),
     }
     storage.write_json(storage.join(layout.Layout(cfg.storage).reports, "calibration.json"), result)
     return result
+
+
+def rule_row(cfg: Config, name: str, role: str, cut: float, tuned_on: int) -> dict[str, Any]:
+    """Row `<name>-supported`: `name`'s saved test answers under the decision rule (`confidence.apply_cut`):
+    a code stays when its quote is in the note and its confidence reaches `cut` (tuned on validation)."""
+    preds = read_predictions(cfg.storage, name)
+    split = layout.read_split(cfg.storage, cfg.evaluate.split, ["hadm_id", "note"])
+    notes = dict(zip(split["hadm_id"].to_pylist(), split["note"].to_pylist(), strict=True))
+    kept = [
+        confidence.apply_cut([(c["code"], c["confidence"], c["found"]) for c in p["codes"]], cut)
+        for p in preds
+    ]
+    answers = [
+        prompts.Answer(
+            "",
+            tuple(prompts.CodeItem(c["code"], c["evidence"]) for c in p["codes"] if c["code"] in k),
+            frozenset(),
+        )
+        for p, k in zip(preds, kept, strict=True)
+    ]
+    row = results.make_row(
+        f"{name}-supported",
+        role,
+        layout.label_space_name(cfg.storage),
+        [p["hadm_id"] for p in preds],
+        kept,
+        [p["gold"] for p in preds],
+        constrained=True,
+        answers=answers,
+        notes=[notes[p["hadm_id"]] for p in preds],
+        train_counts=layout.train_code_counts(cfg.storage),
+        extra={"rule_of": name, "cut": cut, "cut_tuned_on_val_notes": tuned_on, "split": cfg.evaluate.split},
+    )
+    results.save_row(cfg.storage, row)
+    return row

@@ -95,6 +95,9 @@ class Layout:
     def report(self, name: str) -> str:
         return self._p("reports", f"{name}.json")
 
+    def predictions(self, name: str) -> str:
+        return self._p("reports", "predictions", f"{name}.jsonl")
+
     @property
     def feedback_db(self) -> str:
         return self._p("feedback", "feedback.sqlite")

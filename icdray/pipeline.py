@@ -186,6 +186,7 @@ def plan(cfg: Config) -> list[StagePlan]:
                 "notes": e.calibration_limit or "all",
                 "split": "val",
                 "output": storage.join(where.reports, "calibration.json"),
+                "decision_rule_row": f"{rows[-1]}-supported",
             },
         )
     )
@@ -309,6 +310,15 @@ def run(
         print(
             f"  threshold {cal['threshold']:.2f}: precision {cal['precision_at_threshold']:.3f}, "
             f"coverage {cal['coverage_at_threshold']:.3f} of {cal['n_codes']} codes"
+        )
+    fitted = storage.read_json(storage.join(where.reports, "calibration.json"))
+    if "rule" in fitted and storage.exists(where.predictions(row)):
+        rule = fitted["rule"]
+        got = evaluate.rule_row(cfg, row, role, rule["cut"], fitted["notes"])
+        print(
+            f"  decision rule (quote in the note, confidence >= {rule['cut']:.3f}): validation sample-F1 "
+            f"{rule['val_sample_f1_as_written']:.3f} -> {rule['val_sample_f1']:.3f}; "
+            f"{got['model']} sample-F1 {got['sample_f1']:.3f} on {cfg.evaluate.split}"
         )
     head("report", "reports/results.md, results.json, plots")
     report.write(cfg.storage)

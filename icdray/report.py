@@ -86,14 +86,27 @@ def markdown(root: str) -> str:
     cal = calibration(root)
     if cal:
         c = cal["calibration"]
+        auto = (
+            f"At the auto-eligibility threshold {c['threshold']:.2f} (target precision {c['target_precision']:.2f}): "
+            f"precision {c['precision_at_threshold']:.3f}, coverage {c['coverage_at_threshold']:.3f} of the codes."
+            if c["coverage_at_threshold"] > 0
+            else f"No confidence reaches precision {c['target_precision']:.2f} on validation: no chart is auto-eligible."
+        )
         lines += [
             "",
             f"Confidence ({cal['model']}): isotonic calibration on {cal['notes']} validation notes ({c['n_codes']} codes). "
-            f"At the auto-eligibility threshold {c['threshold']:.2f} (target precision {c['target_precision']:.2f}): "
-            f"precision {c['precision_at_threshold']:.3f}, coverage {c['coverage_at_threshold']:.3f} of the codes.",
-            "",
-            "![reliability](reliability.png)",
+            + auto,
         ]
+        rule = cal.get("rule")
+        if rule:
+            lines += [
+                "",
+                f"Decision rule ({cal['model']}-supported): a code stays when its quote is in the note and its "
+                f"raw confidence is at least {rule['cut']:.3f}, the cut with the best sample-F1 on the same validation "
+                f"notes ({rule['val_sample_f1_as_written']:.3f} as written, {rule['val_sample_f1']:.3f} with the rule); "
+                "an answer keeps at least one code.",
+            ]
+        lines += ["", "![reliability](reliability.png)"]
     lines += ["", "![sample-F1 per model](sample_f1.png)"]
     if sft_history(root):
         lines += ["", "![SFT loss](sft_loss.png)"]

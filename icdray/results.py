@@ -116,25 +116,31 @@ def collect(root: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (ROLES.index(r["role"]), r.get("constrained") is False, r["model"]))
 
 
+def _compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    common = sorted(set(a["per_admission"]) & set(b["per_admission"]))
+    delta, lo, hi = metrics.paired_bootstrap(
+        [a["per_admission"][h] for h in common], [b["per_admission"][h] for h in common]
+    )
+    return {"a": a["model"], "b": b["model"], "delta_sample_f1": delta, "ci95": [lo, hi], "n": len(common)}
+
+
 def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Paired bootstrap of sample-F1 for each of `PAIRS`: constrained LLM rows, same label space."""
+    """Paired bootstrap of sample-F1 for each of `PAIRS` (constrained LLM rows, same label space), then
+    each decision-rule row against the answers it filters, the prior and the baseline."""
     first: dict[str, dict[str, Any]] = {}
     for r in rows:
-        if r.get("constrained") is not False and "per_admission" in r:
+        if r.get("constrained") is not False and "per_admission" in r and not r.get("rule_of"):
             first.setdefault(r["role"], r)
-    out = []
-    for a_role, b_role in PAIRS:
-        a, b = first.get(a_role), first.get(b_role)
-        if a is None or b is None or a["label_space"] != b["label_space"]:
-            continue
-        common = sorted(set(a["per_admission"]) & set(b["per_admission"]))
-        delta, lo, hi = metrics.paired_bootstrap(
-            [a["per_admission"][h] for h in common], [b["per_admission"][h] for h in common]
-        )
-        out.append(
-            {"a": a["model"], "b": b["model"], "delta_sample_f1": delta, "ci95": [lo, hi], "n": len(common)}
-        )
-    return out
+    pairs = [(first.get(a), first.get(b)) for a, b in PAIRS]
+    by_name = {r["model"]: r for r in rows}
+    for r in rows:
+        if r.get("rule_of"):
+            pairs += [(by_name.get(r["rule_of"]), r), (first.get("prior"), r), (first.get("baseline"), r)]
+    return [
+        _compare(a, b)
+        for a, b in pairs
+        if a is not None and b is not None and a["label_space"] == b["label_space"]
+    ]
 
 
 def public(row: dict[str, Any]) -> dict[str, Any]:

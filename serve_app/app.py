@@ -100,6 +100,10 @@ class CodeOut(BaseModel):
     confidence: float = Field(description="calibrated probability that the code is right (validation split)")
     role: Literal["principal", "secondary"]
     sequence: int
+    supported: bool = Field(
+        default=True,
+        description="the quote is in the note and the confidence reaches the decision rule's validation-tuned cut",
+    )
 
 
 class EditOut(BaseModel):

