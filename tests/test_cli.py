@@ -191,7 +191,16 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
     assert {(c["a"], c["b"]) for c in data["comparisons"]} >= {
         ("base-tiny", "sft-tiny"),
         ("sft-tiny", "sft+grpo-tiny"),
+        ("sft+grpo-tiny", "sft+grpo-tiny-supported"),  # the decision rule, tuned on validation
     }
+    rule = rows["sft+grpo-tiny-supported"]
+    assert rule["rule_of"] == "sft+grpo-tiny" and rule["n"] == rows["sft+grpo-tiny"]["n"]
+    cal = json.loads((tmp_path / "reports/calibration.json").read_text())
+    assert cal["calibration"]["cut"] == cal["rule"]["cut"] == rule["cut"]
+    preds = [
+        json.loads(x) for x in (tmp_path / "reports/predictions/sft+grpo-tiny.jsonl").read_text().splitlines()
+    ]
+    assert len(preds) == 3 and all({"hadm_id", "gold", "codes", "flags"} <= set(p) for p in preds)
     results = (tmp_path / "reports/results.md").read_text()
     assert (
         results.index("| frequency-prior |")
