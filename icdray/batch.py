@@ -162,7 +162,7 @@ class ChartCoder:
     ) -> None:
         self.engine = make_engine(model, engine, constraint)
         self.tok = self.engine.tok
-        self.pieces = [self.tok.decode([i]) for i in range(len(self.tok))]
+        self.pieces = chat.token_pieces(self.tok)
         self.max_tokens, self.inputs, self.calibration = constraint.max_tokens, inputs, calibration
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -26,6 +26,13 @@ def token_ids(encoded: Any) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
+def token_pieces(tok: Any, vocab_size: int | None = None) -> tuple[str, ...]:
+    """Each token id's own text (what the repeat guard and the code confidences read); ids the tokenizer
+    does not know, up to the model's `vocab_size`, are ""."""
+    n = len(tok)
+    return tuple(tok.decode([i]) if i < n else "" for i in range(n if vocab_size is None else vocab_size))
+
+
 def pad_id(tok: Any) -> int:
     """The tokenizer's pad id, or its EOS id when it has none (causal LMs often ship without a pad token)."""
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

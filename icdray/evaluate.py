@@ -170,8 +170,7 @@ def token_pieces(path: str) -> tuple[str, ...]:
     """Each token id's own text under the model's tokenizer (what `confidence.code_scores` reads)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
-    return tuple(tok.decode([i]) for i in range(len(tok)))
+    return chat.token_pieces(AutoTokenizer.from_pretrained(path))
 
 
 def scored_codes(

@@ -15,7 +15,7 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
-from icdray import codes, grammar
+from icdray import chat, codes, grammar
 
 
 @functools.cache
@@ -23,7 +23,7 @@ def _pieces(tokenizer_path: str, vocab_size: int) -> tuple[str, ...]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    return tuple(tok.decode([i]) if i < len(tok) else "" for i in range(vocab_size))
+    return chat.token_pieces(tok, vocab_size)
 
 
 @functools.cache

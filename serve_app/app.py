@@ -293,7 +293,7 @@ class Coder:
         self.engine: Any = None
         self.engine_key: Any = None
         self.tok: Any = None
-        self.pieces: list[str] = []
+        self.pieces: tuple[str, ...] = ()
         self.max_tokens = 0
         self.calibration: Any = None
         self.store: Any = None
@@ -304,7 +304,7 @@ class Coder:
         """Load (or reload) the model, the calibration and the feedback store from `user_config`."""
         from dataclasses import replace
 
-        from icdray import grammar, layout, models, storage
+        from icdray import chat, grammar, layout, models, storage
         from icdray.config import EngineConfig, from_dict
         from icdray.engine import AsyncVLLMEngine, bound_cores, cpu_bind, make_engine
 
@@ -346,7 +346,7 @@ class Coder:
             )
             self.engine_key = key
             self.tok = self.engine.tok
-            self.pieces = [self.tok.decode([i]) for i in range(len(self.tok))]
+            self.pieces = chat.token_pieces(self.tok)
         self.max_tokens = max_tokens
         self.calibration = None
         if root and storage.exists(storage.join(layout.Layout(root).reports, "calibration.json")):

@@ -35,15 +35,14 @@ class MaskReplay:
     ) -> None:
         import xgrammar as xgr
 
-        from icdray import codes
+        from icdray import chat, codes
 
         self.xgr, self.vocab_size, self.stop_ids = xgr, vocab_size, list(stop_ids)
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiled = xgr.GrammarCompiler(info, max_threads=2).compile_grammar(constraint.grammar)
         self.guard = None
         if no_repeat_codes:
-            n = len(tokenizer)  # type: ignore[arg-type]
-            pieces = [tokenizer.decode([i]) if i < n else "" for i in range(vocab_size)]  # type: ignore[attr-defined]
+            pieces = chat.token_pieces(tokenizer, vocab_size)
             space = (
                 codes.billable_codes()
                 if constraint.code_key == "billable"
