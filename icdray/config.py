@@ -126,6 +126,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     constrained: bool = True  # answers follow the grammar of grammar.py, codes from the run's label space
     no_repeat_codes: bool = True  # a code already written cannot be written again (stops greedy loops)
+    note_quotes: bool = True  # every evidence quote is copied from the note in the prompt (grammar.QuoteGuard)
     seed: int = 0
     sleep_mode: bool = False  # GPU: the engine can free its GPU memory between rollouts (colocated placement)
 

@@ -8,8 +8,9 @@ their engine here, from the same settings record, so a setting means the same th
 
 - `vllm` (default): the engine runs in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`; it pins
   its OpenMP threads on CPU, so it lives in its own actor). With `constrained`, every request whose
-  spec asks for it follows the answer grammar (xgrammar); with `no_repeat_codes`, the `NoRepeatCodes`
-  logits processor stops a code from being written twice. Log-probs come back *processed*
+  spec asks for it follows the answer grammar (xgrammar), and the `AnswerGuards` logits processor
+  (`vllm_ext`) applies icdray's two guards: with `no_repeat_codes` no code is written twice, with
+  `note_quotes` every evidence quote is copied from the note in the prompt. Log-probs come back *processed*
   (`logprobs_mode="processed_logprobs"`): those of the masked distribution the token was drawn from,
   which is what the GRPO learner rebuilds.
 - `hf`: transformers `generate`, for machines or models vLLM cannot load (no grammar).
@@ -86,8 +87,13 @@ def sampling_params(
     kw: dict[str, Any] = {}
     if constraint is not None and spec.constrained:
         kw["structured_outputs"] = StructuredOutputsParams(grammar=constraint.grammar)
+        extra: dict[str, Any] = {}
         if cfg.no_repeat_codes:
-            kw["extra_args"] = {"icdray_codes": constraint.code_key}
+            extra["icdray_codes"] = constraint.code_key
+        if cfg.note_quotes:
+            extra["icdray_quotes"] = True
+        if extra:
+            kw["extra_args"] = extra
     return SamplingParams(
         n=spec.n,
         temperature=spec.temperature,
@@ -113,10 +119,10 @@ def _engine_kwargs(model_path: str, cfg: EngineConfig, constraint: AnswerConstra
     extra: dict[str, Any] = {}
     if constraint is not None:
         extra["structured_outputs_config"] = {"backend": "xgrammar"}  # fixed per engine
-        if cfg.no_repeat_codes:
-            from icdray.vllm_ext import NoRepeatCodes
+        if cfg.no_repeat_codes or cfg.note_quotes:
+            from icdray.vllm_ext import AnswerGuards
 
-            extra["logits_processors"] = [NoRepeatCodes]
+            extra["logits_processors"] = [AnswerGuards]
     if cfg.sleep_mode:
         extra["enable_sleep_mode"] = True
     if on_cpu:

@@ -15,7 +15,8 @@ can write at most one token per character, so `Bounds.worst_case_tokens()` is a 
 which every constrained answer closes, whatever the model does: engines generate with that budget.
 A valid code is not a correct one: the constraint fixes validity, training fixes relevance.
 Between 1 and `max_codes` codes (every admission has a principal diagnosis).
-Left out: grammar-level checks that evidence occurs in the note.
+Whether a quote occurs in the note is not in the grammar (one grammar serves every note): `QuoteGuard`,
+a logits processor next to `RepeatGuard`, keeps each quote to the note's text.
 """
 
 from __future__ import annotations
@@ -196,3 +197,116 @@ class RepeatGuard:
                     if (closes and k == len(rest)) or (not closes and k and left <= 0):
                         out.append(token)
         return out
+
+
+_WS_RUN = re.compile(r"\s+")
+_MAX_PIECE = 48  # longer tokens are never proposed inside a quote (none of the vocabularies here has one)
+_MIN_QUOTE = 2  # evidence.quote_in_note's shortest quote
+
+
+def quote_text(text: str) -> str:
+    """The form quotes are matched in (as `evidence.find_span` does): lower case, every run of whitespace one
+    space; characters the grammar keeps out of evidence become NUL, which no quote can cross."""
+    return _NOT_EVIDENCE.sub("\x00", _WS_RUN.sub(" ", text.lower()))
+
+
+def note_of(prompt_text: str) -> str:
+    """The note inside a rendered user prompt (`prompts.render_user_prompt`): what a quote may copy. A text
+    without the prompt's markers is returned whole."""
+    head, tail = "Discharge note:\n", "\n\nMedications:\n"
+    start = prompt_text.find(head)
+    start = 0 if start < 0 else start + len(head)
+    end = prompt_text.rfind(tail)
+    return prompt_text[start : end if end >= start else len(prompt_text)]
+
+
+class QuoteGuard:
+    """Which tokens keep an evidence quote copied from the note: without it 24% of the demo model's quotes
+    were not in the note ("reflux" for K21.9 in a note without reflux), and those went with wrong codes.
+
+    Pure and deterministic in (note, answer so far), like `RepeatGuard`, so the sampler and the GRPO
+    learner's mask replay allow exactly the same tokens. Inside an `"evidence": "` field holding the
+    partial quote `q`, a token is allowed when `q + token` still occurs in the note (case and whitespace
+    aside, as `evidence.quote_in_note` matches), or when the token closes the field and the quote has at
+    least two characters. A token that opens the field and starts the quote in one piece (`"H`) is banned
+    when its quote part is not in the note. `rule` returns (allowed ids or None, banned ids).
+    Left out: tokenizers whose per-id decoding drops a word's leading space (sentencepiece's legacy mode):
+    there the concatenated pieces are not the answer's text.
+    """
+
+    def __init__(self, pieces: Sequence[str]) -> None:
+        self.by_text: dict[str, list[int]] = {}  # a quote-only piece's matching form -> ids
+        self.closing: dict[str, list[int]] = {}  # the matching form of the quote part before `"` -> ids
+        self.prefixes: set[str] = {""}
+        for i, piece in enumerate(pieces):
+            head, quote, _ = piece.partition('"')
+            key = quote_text(head)
+            if not (head or quote) or "\x00" in key or len(key) > _MAX_PIECE:
+                continue
+            (self.closing if quote else self.by_text).setdefault(key, []).append(i)
+            self.prefixes.update(key[:k] for k in range(1, len(key) + 1))
+        # tokens that finish ITEM_OPEN's last k characters and go on into the quote: k -> [(id, the rest)]
+        self.entering: dict[int, list[tuple[int, str]]] = {}
+        self._openings: dict[str, list[int] | None] = {}  # note -> the allowed first tokens of a quote
+        for i, piece in enumerate(pieces):
+            for k in range(1, len(ITEM_OPEN) + 1):
+                lit = ITEM_OPEN[-k:]
+                if piece.startswith(lit) and len(piece) > k:
+                    self.entering.setdefault(k, []).append((i, piece[k:]))
+
+    def _extensions(self, note: str, quote: str) -> list[int] | None:
+        q = quote_text(quote)
+        if "\x00" in q:
+            return None
+        if q:
+            ends, at = [], note.find(q)
+            while at >= 0:
+                ends.append(at + len(q))
+                at = note.find(q, at + 1)
+        else:
+            ends = list(range(len(note) + 1))
+        if not ends:
+            return None  # the quote already left the note (an unguarded start): nothing to keep it to
+        leads = ("", " ") if q.endswith(" ") else ("",)  # " pain" after "chest " collapses to one space
+        out: set[int] = set()
+        for e in ends:
+            for lead in leads:
+                for k in range(_MAX_PIECE + 1):
+                    key = lead + note[e : e + k]
+                    if key not in self.prefixes or (k and e + k > len(note)):
+                        break
+                    out.update(self.by_text.get(key, ()))
+                    if len((q + key).strip()) >= _MIN_QUOTE:
+                        out.update(self.closing.get(key, ()))
+        return sorted(out)
+
+    def _starts_in(self, note: str, rest: str) -> bool:
+        head, quote, _ = rest.partition('"')
+        q = quote_text(head)
+        return "\x00" not in q and q in note and (not quote or len(q.strip()) >= _MIN_QUOTE)
+
+    def rule(self, note: str, text: str) -> tuple[list[int] | None, list[int]]:
+        """(the only tokens allowed next, or None for no such limit; tokens banned) after `text`, the answer
+        so far, for an answer about `note` in its matching form (`quote_text`)."""
+        body = text.find(MIDDLE)
+        if body < 0:
+            return None, []
+        body += len(MIDDLE)
+        at = text.rfind(ITEM_OPEN, body)
+        if at >= 0 and '"' not in text[at + len(ITEM_OPEN) :]:
+            quote = text[at + len(ITEM_OPEN) :]
+            if quote:
+                return self._extensions(note, quote), []
+            if note not in self._openings:  # every item starts here: once per note
+                if len(self._openings) >= 512:
+                    self._openings.clear()
+                self._openings[note] = self._extensions(note, "")
+            return self._openings[note], []
+        for k in range(len(ITEM_OPEN) - 1, -1, -1):
+            if k and not text.endswith(ITEM_OPEN[:k]) or not k and not text.endswith((OPEN, SEP)):
+                continue
+            if len(text) - k < body:
+                continue
+            need = len(ITEM_OPEN) - k
+            return None, [i for i, rest in self.entering.get(need, ()) if not self._starts_in(note, rest)]
+        return None, []

@@ -1,9 +1,13 @@
 """vLLM plug-ins icdray installs in its engines. Imported only inside an engine process (it imports vllm).
 
-`NoRepeatCodes`: a V1 logits processor that applies `grammar.RepeatGuard` to every request whose
-`SamplingParams.extra_args` carry `{"icdray_codes": key}`. The key names the label space: "billable"
-(every billable ICD-10-CM code) or a comma-joined list of codes. Banning a token never leaves a row
-without a legal token: if the guard would ban every token the grammar allows, it bans none.
+`AnswerGuards`: a V1 logits processor that applies icdray's per-request guards to every request whose
+`SamplingParams.extra_args` ask for them:
+- `{"icdray_codes": key}`: `grammar.RepeatGuard`, no code written twice. The key names the label space:
+  "billable" (every billable ICD-10-CM code) or a comma-joined list of codes;
+- `{"icdray_quotes": True}`: `grammar.QuoteGuard`, every evidence quote copied from the note, which it
+  reads from the request's own prompt (`grammar.note_of`).
+Banning tokens never leaves a row without a legal token: if the guards would ban every token the grammar
+allows, they ban none.
 """
 
 from __future__ import annotations
@@ -32,27 +36,57 @@ def guard_for(tokenizer_path: str, vocab_size: int, key: str) -> grammar.RepeatG
     return grammar.RepeatGuard(space, _pieces(tokenizer_path, vocab_size))
 
 
+@functools.cache
+def quote_guard_for(tokenizer_path: str, vocab_size: int) -> grammar.QuoteGuard:
+    return grammar.QuoteGuard(_pieces(tokenizer_path, vocab_size))
+
+
+def restrict(logits: torch.Tensor, allowed: list[int] | None, banned: list[int]) -> torch.Tensor:
+    """Mask one row of logits to `allowed` (None: no limit) minus `banned`, unless no legal token would be
+    left (then the row is left as the grammar made it)."""
+    if allowed is None and not banned:
+        return logits
+    legal = torch.isfinite(logits)
+    keep = legal.clone()
+    if allowed is not None:
+        keep[:] = False
+        keep[torch.tensor(allowed, dtype=torch.long, device=logits.device)] = True
+        keep &= legal
+    if banned:
+        keep[torch.tensor(banned, dtype=torch.long, device=logits.device)] = False
+    if bool(keep.any()):
+        logits[~keep] = float("-inf")
+    return logits
+
+
 class _PerRequest:
-    """Running answer text of one request (tokens decoded one by one, as the guard expects)."""
+    """Running answer text of one request (tokens decoded one by one, as the guards expect)."""
 
-    def __init__(self, guard: grammar.RepeatGuard, pieces: tuple[str, ...]) -> None:
-        self.guard, self.pieces, self.seen, self.text = guard, pieces, 0, ""
+    def __init__(
+        self,
+        repeat: grammar.RepeatGuard | None,
+        quotes: grammar.QuoteGuard | None,
+        pieces: tuple[str, ...],
+    ) -> None:
+        self.repeat, self.quotes, self.pieces = repeat, quotes, pieces
+        self.seen, self.text, self.note = 0, "", None
 
-    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         if len(output_ids) > self.seen:
             self.text += "".join(self.pieces[t] for t in output_ids[self.seen :])
             self.seen = len(output_ids)
-        banned = self.guard.banned(self.text)
-        if banned:
-            idx = torch.tensor(banned, dtype=torch.long, device=logits.device)
-            legal = torch.isfinite(logits)
-            legal[idx] = False
-            if bool(legal.any()):
-                logits[idx] = float("-inf")
-        return logits
+        allowed, banned = None, []
+        if self.quotes is not None:
+            if self.note is None:
+                prompt = "".join(self.pieces[t] for t in prompt_ids)
+                self.note = grammar.quote_text(grammar.note_of(prompt))
+            allowed, banned = self.quotes.rule(self.note, self.text)
+        if self.repeat is not None:
+            banned = banned + self.repeat.banned(self.text)
+        return restrict(logits, allowed, banned)
 
 
-class NoRepeatCodes(AdapterLogitsProcessor):
+class AnswerGuards(AdapterLogitsProcessor):
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         super().__init__(vllm_config, device, is_pin_memory)
         mc = vllm_config.model_config
@@ -63,10 +97,13 @@ class NoRepeatCodes(AdapterLogitsProcessor):
         return False  # it changes which token greedy decoding picks
 
     def new_req_logits_processor(self, params: SamplingParams) -> Any:
-        key = (params.extra_args or {}).get("icdray_codes")
-        if not key:
+        args = params.extra_args or {}
+        key, quotes = args.get("icdray_codes"), bool(args.get("icdray_quotes"))
+        if not key and not quotes:
             return None
+        path, vocab = self.tokenizer_path, self.vocab_size
         return _PerRequest(
-            guard_for(self.tokenizer_path, self.vocab_size, key),
-            _pieces(self.tokenizer_path, self.vocab_size),
+            guard_for(path, vocab, key) if key else None,
+            quote_guard_for(path, vocab) if quotes else None,
+            _pieces(path, vocab),
         )

@@ -8,7 +8,7 @@ import ray
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from icdray import chat, grammar, layout, models, prepare, prompts
+from icdray import chat, evidence, grammar, layout, models, prepare, prompts
 from icdray.config import PrepareConfig, load_config
 from icdray.engine import SamplingSpec
 from icdray.grpo import learner, packing
@@ -111,6 +111,16 @@ def test_bitmask_unpacking_matches_xgrammar():
     assert torch.equal(torch.isfinite(logits[0]), out[0])
 
 
+def test_guards_never_leave_a_row_without_a_legal_token():
+    from icdray.vllm_ext import restrict
+
+    row = torch.tensor([0.0, float("-inf"), 1.0, 2.0])
+    assert torch.isfinite(restrict(row.clone(), [2, 1], [])).tolist() == [False, False, True, False]
+    assert torch.isfinite(restrict(row.clone(), None, [3])).tolist() == [True, False, True, False]
+    assert torch.equal(restrict(row.clone(), [1], []), row)  # only an illegal token allowed: left as it was
+    assert torch.equal(restrict(row.clone(), [], []), row)
+
+
 def test_repeat_guard_bans_only_tokens_that_rewrite_a_code():
     pieces = ["", "E", "7", "8", ".", "5", '"', '"}', "4", "N", "1", "9", "E7", "x"]
     guard = grammar.RepeatGuard(["E78.5", "E78.4", "N17.9", "N17.0"], pieces)
@@ -122,6 +132,29 @@ def test_repeat_guard_bans_only_tokens_that_rewrite_a_code():
     assert set(guard.banned(field)) == {1, 12}  # every E78 code is written: "E" and "E7" lead nowhere new
     assert guard.banned(field + "N1") == []
     assert guard.banned(closed) == []  # outside a code field nothing is banned
+
+
+BODY = grammar.HEAD + "x" + grammar.MIDDLE + grammar.OPEN
+
+
+def test_quote_guard_keeps_a_quote_inside_the_note():
+    pieces = ["", "ch", "est", " pain", " Pain", "pa", "in", "x", '"', '",', "pain", " ", '"H', '"ch', "<"]
+    guard = grammar.QuoteGuard(pieces)
+    note = grammar.quote_text(grammar.note_of("Discharge note:\nChest  pain.\nHTN\n\nMedications:\n- x"))
+    assert note == "chest pain. htn"
+    field = BODY + grammar.ITEM_OPEN
+    allowed, banned = guard.rule(note, field)
+    assert banned == [] and {pieces[i] for i in allowed} >= {"ch", "pa", "in", " pain", " Pain", "pain", " "}
+    assert not {"x", '"', '",', "<"} & {pieces[i] for i in allowed}  # no empty quote, nothing off the note
+    allowed, _ = guard.rule(note, field + "Chest")  # case and whitespace aside; a closing token may follow
+    assert {pieces[i] for i in allowed} == {" pain", " Pain", " ", '"', '",', '"H', '"ch'}
+    allowed, _ = guard.rule(note, field + "chest ")  # " pain" after the space still matches "chest pain"
+    assert {" pain", "pa", "pain"} <= {pieces[i] for i in allowed}
+    assert guard.rule(note, field + "c") == ([], [])  # nothing extends "c" here, and "c" is too short to close
+    # a token that opens the field and starts the quote is banned when its quote part is not in the note
+    assert {pieces[i] for i in guard.rule(note, BODY + grammar.ITEM_OPEN[:-1])[1]} == {'",'}
+    assert guard.rule(note, BODY) == (None, [])  # between items nothing is limited
+    assert guard.rule(note, grammar.HEAD + '{"evidence": "') == (None, [])  # reasoning is free text
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +175,7 @@ def test_constrained_rollouts_are_scored_under_the_samplers_mask(ray_session, st
             "grpo.model=tiny",
             "grpo.engine.constrained=true",
             "grpo.engine.no_repeat_codes=true",
+            "grpo.engine.note_quotes=true",
             "answer.max_codes=4",
             "answer.max_reasoning_chars=24",
             "answer.max_evidence_chars=12",
@@ -163,10 +197,12 @@ def test_constrained_rollouts_are_scored_under_the_samplers_mask(ray_session, st
         ]
         # every answer follows the grammar and closes inside its budget
         vocab = AutoConfig.from_pretrained(path).vocab_size
-        replay = MaskReplay(tok, ctl.constraint, vocab, chat.eos_ids(tok))
-        assert all(replay.allowed(r.completion_ids)[1] for r in rows)
+        replay = MaskReplay(tok, ctl.constraint, vocab, chat.eos_ids(tok), note_quotes=True)
+        assert all(replay.allowed(r.completion_ids, r.prompt_ids)[1] for r in rows)
         assert all(s.finish_reason == "stop" for g in groups for s in g)
-        forced = sum(int((replay.allowed(r.completion_ids)[0].sum(-1) == 1).sum()) for r in rows)
+        forced = sum(
+            int((replay.allowed(r.completion_ids, r.prompt_ids)[0].sum(-1) == 1).sum()) for r in rows
+        )
         assert forced > 0 and any(
             lp == 0.0 for r in rows for lp in r.sampler_logprobs
         )  # forced tokens: log-prob 0
@@ -184,10 +220,13 @@ def test_constrained_rollouts_are_scored_under_the_samplers_mask(ray_session, st
         )
         assert gap < 1e-3, gap
         assert off > 0.1, off  # why the mask is needed: unmasked scores are another distribution
-        # and the codes of each answer are all different (the no-repeat guard)
-        for g in groups:
+        # the codes of each answer are all different (the no-repeat guard), and even a random model's quotes
+        # are copied from its note (the quote guard)
+        shown = [chat.fit_note(tok, n["note"], n["medications"], 400)[0] for n in notes]
+        for note, g in zip(shown, groups, strict=True):
             for s in g:
                 answer = prompts.parse_answer(s.text)
                 assert answer.ok and len(answer.codes) == len(answer.items)
+                assert all(evidence.quote_in_note(note, it.evidence) for it in answer.items), s.text
     finally:
         ctl.shutdown()

@@ -109,7 +109,9 @@ class Learner:
 
             vocab = AutoConfig.from_pretrained(model_path).vocab_size
             stops = chat.eos_ids(tok, _generation_config(model_path))
-            self.replay = MaskReplay(tok, constraint, vocab, stops, cfg.engine.no_repeat_codes)
+            self.replay = MaskReplay(
+                tok, constraint, vocab, stops, cfg.engine.no_repeat_codes, cfg.engine.note_quotes
+            )
         model = training.trainable(model_path, cfg)
         self.ref = None
         if cfg.beta:  # the starting policy, frozen: KL anchor
@@ -146,7 +148,7 @@ class Learner:
         if self.replay is not None:
             masks = []
             for row, m in enumerate(batch.members):
-                mask, _ = self.replay.allowed(rows[m].completion_ids)
+                mask, _ = self.replay.allowed(rows[m].completion_ids, rows[m].prompt_ids)
                 masks.append(mask)
                 forced[row, : mask.shape[0]] = (mask.sum(-1) == 1).float()
             allowed = torch.cat(masks) if masks else None

@@ -4,8 +4,9 @@ Under constrained decoding vLLM samples from the masked, renormalised distributi
 `softmax(logits + grammar mask)` and reports its log-probs (12-28 % of the tokens are forced, log-prob
 0, and the rest differ from the raw model's by up to 13 nats). A learner that scores the same tokens
 without the mask optimises another objective. `MaskReplay` walks each completion through an xgrammar
-matcher compiled from the same grammar string the sampler used (and the same stop tokens), adds the
-no-repeat guard's bans, and returns a boolean (T, V) mask per completion; `packing.token_logprobs`
+matcher compiled from the same grammar string the sampler used (and the same stop tokens), applies the
+same guards as the sampler's `vllm_ext.AnswerGuards` (no repeated code; quotes from the note, read
+from the completion's own prompt), and returns a boolean (T, V) mask per completion; `packing.token_logprobs`
 applies it. A token with one legal choice gets log-prob 0 and no gradient.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from icdray import grammar
 from icdray.grammar import AnswerConstraint, RepeatGuard
 
 
@@ -32,6 +34,7 @@ class MaskReplay:
         vocab_size: int,
         stop_ids: Sequence[int],
         no_repeat_codes: bool = True,
+        note_quotes: bool = False,
     ) -> None:
         import xgrammar as xgr
 
@@ -40,20 +43,24 @@ class MaskReplay:
         self.xgr, self.vocab_size, self.stop_ids = xgr, vocab_size, list(stop_ids)
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiled = xgr.GrammarCompiler(info, max_threads=2).compile_grammar(constraint.grammar)
-        self.guard = None
+        self.guard, self.quotes = None, None
+        self.pieces = chat.token_pieces(tokenizer, vocab_size)
+        if note_quotes:
+            self.quotes = grammar.QuoteGuard(self.pieces)
         if no_repeat_codes:
-            pieces = chat.token_pieces(tokenizer, vocab_size)
             space = (
                 codes.billable_codes()
                 if constraint.code_key == "billable"
                 else constraint.code_key.split(",")
             )
-            self.guard = RepeatGuard(space, pieces)
-            self.pieces = pieces
+            self.guard = RepeatGuard(space, self.pieces)
 
-    def allowed(self, completion: Sequence[int]) -> tuple[torch.Tensor, bool]:
+    def allowed(
+        self, completion: Sequence[int], prompt: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, bool]:
         """(T, V) bool: the tokens the sampler could draw at each position; and whether the grammar
-        accepted every sampled token (False means the completion was not drawn under this constraint)."""
+        accepted every sampled token (False means the completion was not drawn under this constraint).
+        `prompt`: the completion's prompt ids, where the quote guard reads the note."""
         xgr = self.xgr
         t = len(completion)
         matcher = xgr.GrammarMatcher(self.compiled, override_stop_tokens=self.stop_ids)
@@ -66,12 +73,19 @@ class MaskReplay:
                 bitmask[j + 1 :] = -1  # the rest: unconstrained
                 break
         out = unpack_bitmask(bitmask[:t], self.vocab_size)
-        if self.guard is not None and consistent:
+        if (self.guard is not None or self.quotes is not None) and consistent:
+            note = grammar.quote_text(grammar.note_of("".join(self.pieces[int(t)] for t in prompt)))
             text = ""
             for j, tok in enumerate(completion):
-                banned = self.guard.banned(text)
-                if banned:
+                allowed, banned = self.quotes.rule(note, text) if self.quotes is not None else (None, [])
+                if self.guard is not None:
+                    banned = banned + self.guard.banned(text)
+                if allowed is not None or banned:
                     row = out[j].clone()
+                    if allowed is not None:
+                        keep = torch.zeros_like(row)
+                        keep[allowed] = True
+                        row &= keep
                     row[banned] = False
                     if bool(row.any()):  # as the sampler: never ban every legal token
                         out[j] = row
