@@ -126,7 +126,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     constrained: bool = True  # answers follow the grammar of grammar.py, codes from the run's label space
     no_repeat_codes: bool = True  # a code already written cannot be written again (stops greedy loops)
-    note_quotes: bool = True  # every evidence quote is copied from the note in the prompt (grammar.QuoteGuard)
+    note_quotes: bool = (
+        True  # every evidence quote is copied from the note in the prompt (grammar.QuoteGuard)
+    )
     seed: int = 0
     sleep_mode: bool = False  # GPU: the engine can free its GPU memory between rollouts (colocated placement)
 
@@ -210,7 +212,7 @@ class GRPOConfig:
     # token mask are the learner's) | "learner" (the learner's own log-probs before the update)
     old_logprobs: str = "sampler"
     tis_cap: float = 0.0  # > 0: truncated importance weights min(pi_learner/pi_sampler, cap) per token
-    lr: float = 3e-6  # a full fine-tune: small steps keep SFT's coding while the rewards reshape it
+    lr: float = 2e-5  # full fine-tune, 4-10 steps: 3e-6 left greedy F1 where SFT put it (docs/training.md)
     weight_decay: float = 0.0
     micro_batch_size: int = 2  # answers per forward/backward pass (the padded layout only)
     lora: bool = False

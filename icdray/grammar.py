@@ -303,7 +303,7 @@ class QuoteGuard:
                 self._openings[note] = self._extensions(note, "")
             return self._openings[note], []
         for k in range(len(ITEM_OPEN) - 1, -1, -1):
-            if k and not text.endswith(ITEM_OPEN[:k]) or not k and not text.endswith((OPEN, SEP)):
+            if (k and not text.endswith(ITEM_OPEN[:k])) or (not k and not text.endswith((OPEN, SEP))):
                 continue
             if len(text) - k < body:
                 continue

@@ -150,7 +150,10 @@ def test_quote_guard_keeps_a_quote_inside_the_note():
     assert {pieces[i] for i in allowed} == {" pain", " Pain", " ", '"', '",', '"H', '"ch'}
     allowed, _ = guard.rule(note, field + "chest ")  # " pain" after the space still matches "chest pain"
     assert {" pain", "pa", "pain"} <= {pieces[i] for i in allowed}
-    assert guard.rule(note, field + "c") == ([], [])  # nothing extends "c" here, and "c" is too short to close
+    assert guard.rule(note, field + "c") == (
+        [],
+        [],
+    )  # nothing extends "c" here, and "c" is too short to close
     # a token that opens the field and starts the quote is banned when its quote part is not in the note
     assert {pieces[i] for i in guard.rule(note, BODY + grammar.ITEM_OPEN[:-1])[1]} == {'",'}
     assert guard.rule(note, BODY) == (None, [])  # between items nothing is limited

@@ -55,9 +55,7 @@ class MaskReplay:
             )
             self.guard = RepeatGuard(space, self.pieces)
 
-    def allowed(
-        self, completion: Sequence[int], prompt: Sequence[int] = ()
-    ) -> tuple[torch.Tensor, bool]:
+    def allowed(self, completion: Sequence[int], prompt: Sequence[int] = ()) -> tuple[torch.Tensor, bool]:
         """(T, V) bool: the tokens the sampler could draw at each position; and whether the grammar
         accepted every sampled token (False means the completion was not drawn under this constraint).
         `prompt`: the completion's prompt ids, where the quote guard reads the note."""
