@@ -9,6 +9,30 @@ import pytest
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+_BACKGROUND: list = []  # processes started for the session (subprocess.Popen, each its own process group)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start the install dry-runs (test_install.py) as soon as they are selected: two minutes of waiting
+    on the package index then overlap the rest of the suite."""
+    if config.option.collectonly:
+        return
+    for item in items:
+        if item.name.startswith("test_environment_resolves_from_nothing"):
+            started = item.module.start_dry_runs(config._tmp_path_factory.mktemp("dry-runs"))
+            _BACKGROUND.extend(started.values())
+            break
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Dry-runs still going when the session ends (a -x stop, a deselected test) are stopped."""
+    import signal
+
+    for proc in _BACKGROUND:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance sized for 2-core CI machines; shared by every Ray test."""

@@ -72,22 +72,34 @@ def test_install_script_refuses_unknown_environments():
 KINDS = ("cpu", "gpu")
 
 
+_STARTED: dict[str, subprocess.Popen] = {}
+
+
+def start_dry_runs(base: Path) -> dict[str, subprocess.Popen]:
+    """`bash cluster/install.sh KIND --dry-run` for both kinds, each in a fresh virtual environment under
+    `base`, started at once and in the background (pip's resolution waits on the network, not the CPU).
+    conftest.py starts them when the session begins, so the wait overlaps the other tests."""
+    if not _STARTED:
+        for kind in KINDS:
+            venv = base / kind / "venv"
+            env = {**os.environ, "PYTHON": str(venv / "bin" / "python")}
+            script = (
+                f'"{sys.executable}" -m venv "{venv}" && bash "{ROOT}/cluster/install.sh" {kind} --dry-run'
+            )
+            _STARTED[kind] = subprocess.Popen(
+                ["bash", "-c", script],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                start_new_session=True,  # its own process group: stopped whole if the session ends first
+            )
+    return _STARTED
+
+
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    """`bash cluster/install.sh KIND --dry-run` for both kinds, each in a fresh virtual environment, run
-    at once (pip's resolution waits on the network, not the CPU)."""
-    procs = {}
-    for kind in KINDS:
-        venv = tmp_path_factory.mktemp(kind) / "venv"
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-        env = {**os.environ, "PYTHON": str(venv / "bin" / "python")}
-        procs[kind] = subprocess.Popen(
-            ["bash", str(ROOT / "cluster" / "install.sh"), kind, "--dry-run"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+    procs = start_dry_runs(tmp_path_factory.mktemp("dry-runs"))
     out = {}
     for kind, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=1200)
