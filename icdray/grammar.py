@@ -25,6 +25,7 @@ import bisect
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from icdray import codes
 
@@ -310,3 +311,37 @@ class QuoteGuard:
             need = len(ITEM_OPEN) - k
             return None, [i for i, rest in self.entering.get(need, ()) if not self._starts_in(note, rest)]
         return None, []
+
+
+class AnswerGuards:
+    """Both guards as one rule, the one the sampler (`vllm_ext.AnswerGuards`) and the GRPO learner's mask
+    replay (`grpo/masks.py`) apply, so the two cannot drift apart. Either guard may be off (None)."""
+
+    def __init__(self, pieces: Sequence[str], repeat: RepeatGuard | None, quotes: QuoteGuard | None) -> None:
+        self.pieces, self.repeat, self.quotes = pieces, repeat, quotes
+
+    def note(self, prompt_ids: Sequence[int]) -> str:
+        """The note of a request, in the quote guard's matching form, read from its prompt ids."""
+        return quote_text(note_of("".join(self.pieces[int(t)] for t in prompt_ids)))
+
+    def rule(self, note: str, text: str) -> tuple[list[int] | None, list[int]]:
+        """(the only tokens allowed next or None, tokens banned) after `text`, the answer so far."""
+        allowed, banned = self.quotes.rule(note, text) if self.quotes is not None else (None, [])
+        if self.repeat is not None:
+            banned = banned + self.repeat.banned(text)
+        return allowed, banned
+
+
+def guarded(legal: Any, allowed: list[int] | None, banned: list[int]) -> Any:
+    """(V,) bool tensor: the `legal` tokens (the grammar's) limited to `allowed` (None: no limit) minus `banned`;
+    `legal` unchanged when nothing would be left (the guards never take a row's last legal token)."""
+    import torch
+
+    keep = legal.clone()
+    if allowed is not None:
+        only = torch.zeros_like(keep)
+        only[torch.tensor(allowed, dtype=torch.long, device=keep.device)] = True
+        keep &= only
+    if banned:
+        keep[torch.tensor(banned, dtype=torch.long, device=keep.device)] = False
+    return keep if bool(keep.any()) else legal

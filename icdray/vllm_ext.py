@@ -46,44 +46,23 @@ def restrict(logits: torch.Tensor, allowed: list[int] | None, banned: list[int])
     left (then the row is left as the grammar made it)."""
     if allowed is None and not banned:
         return logits
-    legal = torch.isfinite(logits)
-    keep = legal.clone()
-    if allowed is not None:
-        keep[:] = False
-        keep[torch.tensor(allowed, dtype=torch.long, device=logits.device)] = True
-        keep &= legal
-    if banned:
-        keep[torch.tensor(banned, dtype=torch.long, device=logits.device)] = False
-    if bool(keep.any()):
-        logits[~keep] = float("-inf")
+    logits[~grammar.guarded(torch.isfinite(logits), allowed, banned)] = float("-inf")
     return logits
 
 
 class _PerRequest:
     """Running answer text of one request (tokens decoded one by one, as the guards expect)."""
 
-    def __init__(
-        self,
-        repeat: grammar.RepeatGuard | None,
-        quotes: grammar.QuoteGuard | None,
-        pieces: tuple[str, ...],
-    ) -> None:
-        self.repeat, self.quotes, self.pieces = repeat, quotes, pieces
-        self.seen, self.text, self.note = 0, "", None
+    def __init__(self, guards: grammar.AnswerGuards) -> None:
+        self.guards, self.seen, self.text, self.note = guards, 0, "", None
 
     def __call__(self, prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         if len(output_ids) > self.seen:
-            self.text += "".join(self.pieces[t] for t in output_ids[self.seen :])
+            self.text += "".join(self.guards.pieces[t] for t in output_ids[self.seen :])
             self.seen = len(output_ids)
-        allowed, banned = None, []
-        if self.quotes is not None:
-            if self.note is None:
-                prompt = "".join(self.pieces[t] for t in prompt_ids)
-                self.note = grammar.quote_text(grammar.note_of(prompt))
-            allowed, banned = self.quotes.rule(self.note, self.text)
-        if self.repeat is not None:
-            banned = banned + self.repeat.banned(self.text)
-        return restrict(logits, allowed, banned)
+        if self.note is None:
+            self.note = self.guards.note(prompt_ids) if self.guards.quotes is not None else ""
+        return restrict(logits, *self.guards.rule(self.note, self.text))
 
 
 class AnswerGuards(AdapterLogitsProcessor):
@@ -103,7 +82,9 @@ class AnswerGuards(AdapterLogitsProcessor):
             return None
         path, vocab = self.tokenizer_path, self.vocab_size
         return _PerRequest(
-            guard_for(path, vocab, key) if key else None,
-            quote_guard_for(path, vocab) if quotes else None,
-            _pieces(path, vocab),
+            grammar.AnswerGuards(
+                _pieces(path, vocab),
+                guard_for(path, vocab, key) if key else None,
+                quote_guard_for(path, vocab) if quotes else None,
+            )
         )

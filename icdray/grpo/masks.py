@@ -16,8 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from icdray import grammar
-from icdray.grammar import AnswerConstraint, RepeatGuard
+from icdray.grammar import AnswerConstraint, AnswerGuards, QuoteGuard, RepeatGuard, guarded
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -43,17 +42,17 @@ class MaskReplay:
         self.xgr, self.vocab_size, self.stop_ids = xgr, vocab_size, list(stop_ids)
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiled = xgr.GrammarCompiler(info, max_threads=2).compile_grammar(constraint.grammar)
-        self.guard, self.quotes = None, None
-        self.pieces = chat.token_pieces(tokenizer, vocab_size)
-        if note_quotes:
-            self.quotes = grammar.QuoteGuard(self.pieces)
+        pieces = chat.token_pieces(tokenizer, vocab_size)
+        repeat = None
         if no_repeat_codes:
             space = (
                 codes.billable_codes()
                 if constraint.code_key == "billable"
                 else constraint.code_key.split(",")
             )
-            self.guard = RepeatGuard(space, self.pieces)
+            repeat = RepeatGuard(space, pieces)
+        quotes = QuoteGuard(pieces) if note_quotes else None
+        self.guards = AnswerGuards(pieces, repeat, quotes) if repeat or quotes else None
 
     def allowed(self, completion: Sequence[int], prompt: Sequence[int] = ()) -> tuple[torch.Tensor, bool]:
         """(T, V) bool: the tokens the sampler could draw at each position; and whether the grammar
@@ -71,21 +70,11 @@ class MaskReplay:
                 bitmask[j + 1 :] = -1  # the rest: unconstrained
                 break
         out = unpack_bitmask(bitmask[:t], self.vocab_size)
-        if (self.guard is not None or self.quotes is not None) and consistent:
-            note = grammar.quote_text(grammar.note_of("".join(self.pieces[int(t)] for t in prompt)))
-            text = ""
+        if self.guards is not None and consistent:
+            note, text = self.guards.note(prompt), ""
             for j, tok in enumerate(completion):
-                allowed, banned = self.quotes.rule(note, text) if self.quotes is not None else (None, [])
-                if self.guard is not None:
-                    banned = banned + self.guard.banned(text)
+                allowed, banned = self.guards.rule(note, text)
                 if allowed is not None or banned:
-                    row = out[j].clone()
-                    if allowed is not None:
-                        keep = torch.zeros_like(row)
-                        keep[allowed] = True
-                        row &= keep
-                    row[banned] = False
-                    if bool(row.any()):  # as the sampler: never ban every legal token
-                        out[j] = row
-                text += self.pieces[int(tok)]
+                    out[j] = guarded(out[j], allowed, banned)
+                text += self.guards.pieces[int(tok)]
         return out, consistent
