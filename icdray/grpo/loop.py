@@ -107,8 +107,9 @@ class Hooks:
     def generation_in_flight(self, step: int, ctl: Controller) -> None:
         """Called after a step's prompts were sent to the rollout workers, before their answers are read."""
 
-    def after_update(self, step: int, ctl: Controller) -> None:
-        """Called after a step's update and weight sync, before its checkpoint."""
+    def after_update(self, step: int, ctl: Controller, result: dict[str, float]) -> None:
+        """Called after a step's update and weight sync, before its checkpoint; `result` holds the step's
+        mean reward and the update's figures (loss, ...)."""
 
 
 @dataclass
@@ -472,12 +473,12 @@ def train_step(
             if colocated:
                 ctl.call_rollouts("wake")
             ctl.sync(step)
-    hooks.after_update(step, ctl)
+    r = got.rewards
+    mean = sum(r) / len(r)
+    hooks.after_update(step, ctl, {"reward_mean": mean, **upd})
     if step % max(1, g.checkpoint_every) == 0 or step == g.steps:
         with timer.phase("checkpoint"):
             ctl.checkpoint(step, state_root)
-    r = got.rewards
-    mean = sum(r) / len(r)
     m: dict[str, Any] = {
         "step": step,
         "reward_mean": mean,

@@ -3,7 +3,8 @@
     python -m icdray.testing.drills --fail-after-update 3 --storage DIR --set grpo.steps=4 ...
 
 runs `icdray grpo` with the drill installed: `--fail-after-update N` kills the controller process right
-after step N's update (exit code 17, before step N's checkpoint); `--kill-rollout-at N` kills a
+after step N's update (exit code 17, before step N's checkpoint), printing that step's mean reward and
+loss exactly; `--kill-rollout-at N` kills a
 rollout actor while step N's generation is in flight.
 """
 
@@ -22,9 +23,14 @@ class FailAfterUpdate(Hooks):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def after_update(self, step: int, ctl: object) -> None:
+    def after_update(self, step: int, ctl: object, result: dict[str, float]) -> None:
         if step == self.step:
-            print(f"[grpo] fault drill: the controller dies after the update of step {step}", flush=True)
+            # exact figures (repr), so a test can check that a resumed run repeats this step bit for bit
+            figures = " ".join(f"{k}={result[k]!r}" for k in ("reward_mean", "loss") if k in result)
+            print(
+                f"[grpo] fault drill: the controller dies after the update of step {step} ({figures})",
+                flush=True,
+            )
             os._exit(DRILL_EXIT)
 
 
