@@ -268,12 +268,15 @@ class EvaluateConfig:
     # confidence reaches `auto_precision` there
     calibration_limit: int = 24
     auto_precision: float = 0.9
-    batch_size: int = 100  # prompts per engine call: vLLM batches them all
+    # notes per engine call (vLLM batches them all): the demo's 100 test notes, their 10 free answers and
+    # the 24 calibration notes decode as one batch
+    batch_size: int = 128
     workers: int = 1  # Ray Data actors holding an engine each
     cpus_per_worker: float = 2.0
     gpus_per_worker: float = 0.0
     split: str = "test"
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_cache_gb=4))
+    # KV room for one batch: 134 requests of ~900 tokens
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_cache_gb=6))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Generation engines: one interface over vLLM and transformers, set by one `EngineConfig` record.
 
     engine.generate(prompt ids, SamplingSpec) -> per prompt: n Samples (token ids, sampler log-probs, text)
+                                                (one spec for all prompts, or one per prompt: one batch)
     engine.load(state dict)                    -> new weights in place (GRPO weight sync)
 
 Rollout actors (grpo/rollout.py), evaluation (evaluate.py) and Serve replicas (serve_app/) all build
@@ -24,6 +25,7 @@ Left out: LoRA hot-swap in vLLM (merged weights are sent: simple and exact), spe
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +54,15 @@ class SamplingSpec:
     min_tokens: int = (
         0  # benchmarks: fixed-length answers (EOS held back until then), so systems do equal work
     )
+
+
+def per_prompt(spec: SamplingSpec | Sequence[SamplingSpec], prompts: Sequence[Any]) -> list[SamplingSpec]:
+    """One spec per prompt: a shared spec repeated, or the caller's list (mixed specs decode as one batch)."""
+    if isinstance(spec, SamplingSpec):
+        return [spec] * len(prompts)
+    if len(spec) != len(prompts):
+        raise ValueError(f"{len(spec)} sampling specs for {len(prompts)} prompts")
+    return list(spec)
 
 
 def _repack_tied_lm_head(model: Any) -> None:
@@ -171,16 +182,17 @@ class VLLMEngine:
         self.llm = LLM(**_engine_kwargs(model_path, cfg, self.constraint))
         self.tok = self.llm.get_tokenizer()
 
-    def _params(self, spec: SamplingSpec, i: int) -> Any:
-        return sampling_params(self.cfg, self.constraint, spec, i)
-
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Sample]]:
+    def generate(
+        self, prompts: list[list[int]], spec: SamplingSpec | Sequence[SamplingSpec]
+    ) -> list[list[Sample]]:
         from vllm.inputs import TokensPrompt
 
         # On CPU, a caller on another thread than the one that built the engine must see the same OpenMP
         # thread count (it is per thread; vLLM refuses torch.set_num_threads after binding): the actors that
         # do that (Ray Data's, Serve's) start with OMP_NUM_THREADS set to the bound cores.
-        params = [self._params(spec, i) for i in range(len(prompts))]
+        params = [
+            sampling_params(self.cfg, self.constraint, s, i) for i, s in enumerate(per_prompt(spec, prompts))
+        ]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [[_sample(c) for c in out.outputs] for out in outs]
 
@@ -256,32 +268,35 @@ class HFEngine:
         )
         self.eos = set(chat.eos_ids(self.tok, self.model.generation_config))
 
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Sample]]:
+    def generate(
+        self, prompts: list[list[int]], spec: SamplingSpec | Sequence[SamplingSpec]
+    ) -> list[list[Sample]]:
         import torch
 
         result = []
-        for i, prompt in enumerate(prompts):  # one prompt per call: its n samples are one batch
-            torch.manual_seed(spec.seed + i)
+        for i, (prompt, one) in enumerate(zip(prompts, per_prompt(spec, prompts), strict=True)):
+            # one prompt per call: its n samples are one batch
+            torch.manual_seed(one.seed + i)
             ids = torch.tensor([prompt], device=self.device)
-            greedy = spec.temperature == 0
+            greedy = one.temperature == 0
             with torch.no_grad():
                 out = self.model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),
                     do_sample=not greedy,
-                    temperature=None if greedy else spec.temperature,
-                    top_p=None if greedy else spec.top_p,
+                    temperature=None if greedy else one.temperature,
+                    top_p=None if greedy else one.top_p,
                     top_k=None,
-                    num_return_sequences=spec.n,
-                    max_new_tokens=spec.max_tokens,
-                    min_new_tokens=spec.min_tokens or None,
+                    num_return_sequences=one.n,
+                    max_new_tokens=one.max_tokens,
+                    min_new_tokens=one.min_tokens or None,
                     pad_token_id=self.pad,
                     output_logits=True,
                     return_dict_in_generate=True,
                 )
             new = out.sequences[:, ids.shape[1] :]  # (n, T)
             logits = torch.stack(out.logits, dim=1).float()  # (n, T, V) raw logits
-            logp = torch.log_softmax(logits / (spec.temperature or 1.0), dim=-1)
+            logp = torch.log_softmax(logits / (one.temperature or 1.0), dim=-1)
             token_lp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (n, T)
             group = []
             for row, lp in zip(new.tolist(), token_lp.tolist(), strict=True):

@@ -9,8 +9,8 @@ transformers for models vLLM cannot load. Two rows per model on the vLLM engine,
 - constrained: decoding under the answer grammar of the run's label space, codes never repeated. The
   answer always parses, every code is valid: the row measures coding.
 - free: no grammar. The row measures whether the model has learned the format.
-The free pass runs second on the same engine, so the notes' prompt KV blocks are reused from the
-prefix cache. Greedy decoding, so a score is reproducible.
+Both modes decode as one batch on the same engine (the free requests last, so they reuse their notes'
+prompt KV blocks from the prefix cache). Greedy decoding, so a score is reproducible.
 Each row's answers are kept in `reports/predictions/<name>.jsonl` (codes with their evidence and the
 decoder's confidence, gold, flags): what an error analysis reads. `calibrate` fits the final model's
 confidence on validation and tunes the decision rule's cut (`confidence.tune_cut`); `rule_row` scores
@@ -64,27 +64,29 @@ class Coder:
         ]
         out: dict[str, Any] = {"hadm_id": batch["hadm_id"], "prompt_tokens": [len(i) for i in ids]}
         hadm = batch["hadm_id"].to_pylist()
+        # every mode's requests in one batch (the free ones last, so they find their notes' prompt blocks
+        # in the prefix cache): the few free answers ride along with the constrained ones
+        requests = [
+            (mode, i)
+            for mode in self.modes
+            for i, h in enumerate(hadm)
+            if mode == "constrained" or self.free_ids is None or h in self.free_ids
+        ]
+        specs = [
+            SamplingSpec(n=1, temperature=0.0, max_tokens=self.max_tokens[m], constrained=m == "constrained")
+            for m, _ in requests
+        ]
+        t = time.time()
+        answers = self.engine.generate([ids[i] for _, i in requests], specs) if requests else []
+        seconds = time.time() - t
+        got = {r: a[0] for r, a in zip(requests, answers, strict=True)}
         for mode in self.modes:
-            t = time.time()
-            spec = SamplingSpec(
-                n=1, temperature=0.0, max_tokens=self.max_tokens[mode], constrained=mode == "constrained"
-            )
-            rows = [
-                i
-                for i, h in enumerate(hadm)
-                if mode == "constrained" or self.free_ids is None or h in self.free_ids
-            ]
-            got = (
-                dict(zip(rows, self.engine.generate([ids[i] for i in rows], spec), strict=True))
-                if rows
-                else {}
-            )
-            samples = [got[i][0] if i in got else None for i in range(len(hadm))]
+            samples = [got.get((mode, i)) for i in range(len(hadm))]
             out[f"answer_{mode}"] = [s.text if s else None for s in samples]
             out[f"tokens_{mode}"] = [len(s.token_ids) if s else 0 for s in samples]
             out[f"ids_{mode}"] = [s.token_ids if s else [] for s in samples]
             out[f"logprobs_{mode}"] = [s.logprobs if s else [] for s in samples]
-            out[f"seconds_{mode}"] = [time.time() - t] * batch.num_rows
+        out["seconds"] = [seconds] * batch.num_rows
         return pa.table(out)
 
 
@@ -132,16 +134,25 @@ def on_actor_pool(table: pa.Table, actor: type, ecfg: Any, kwargs: dict[str, Any
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
+def _notes(cfg: Config, split: str, limit: int) -> pa.Table:
+    table = layout.read_split(cfg.storage, split, ["hadm_id", "note", "medications", "codes"])
+    return table.slice(0, limit) if limit else table
+
+
 def _answers(
-    cfg: Config, model: str, split: str, modes: tuple[str, ...] | None = None, limit: int | None = None
+    cfg: Config,
+    model: str,
+    split: str,
+    modes: tuple[str, ...] | None = None,
+    limit: int | None = None,
+    calibration: pa.Table | None = None,
 ) -> tuple[Any, Any, str, Any]:
-    """(notes of the split, the engine's answers aligned with them, the model's local path, the constraint)."""
+    """(notes of the split, the engine's answers aligned with them, the model's local path, the constraint).
+    `calibration` notes (validation) ride along in the same pass, constrained only; their rows follow the
+    split's in both tables."""
 
     ecfg = cfg.evaluate
-    table = layout.read_split(cfg.storage, split, ["hadm_id", "note", "medications", "codes"])
-    limit = ecfg.limit if limit is None else limit
-    if limit:
-        table = table.slice(0, limit)
+    table = _notes(cfg, split, ecfg.limit if limit is None else limit)
     path = models.resolve(model)  # fail fast (and build a registry model once) before starting actors
     constrained = ecfg.engine.constrained and ecfg.engine.backend == "vllm"
     constraint = grammar.constraint(layout.label_space(cfg.storage), cfg.answer) if constrained else None
@@ -160,6 +171,9 @@ def _answers(
         "inputs": cfg.inputs,
         "free_ids": free_ids,
     }
+    if calibration is not None:
+        kwargs["free_ids"] = free_ids or table["hadm_id"].to_pylist()  # never the calibration notes
+        table = pa.concat_tables([table, calibration])
     out = on_actor_pool(table, Coder, ecfg, kwargs).sort_by("hadm_id")
     by_id = {h: i for i, h in enumerate(out["hadm_id"].to_pylist())}
     return table, out.take([by_id[h] for h in table["hadm_id"].to_pylist()]), path, constraint
@@ -221,18 +235,31 @@ def read_predictions(root: str, name: str) -> list[dict[str, Any]]:
     ]
 
 
-def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str, Any]:
+def run(
+    cfg: Config, model: str, name: str = "", role: str = "base", calibrate: bool = False
+) -> dict[str, Any]:
     """Generate, parse and score `model` on `evaluate.split`. Needs Ray initialised.
 
     Writes one report row per mode and returns {"rows": [...], "seconds", "generated_tokens", "tokens_per_s"}.
+    With `calibrate` (constrained decoding only), the calibration notes decode in the same pass and
+    `reports/calibration.json` is fitted from them (what `calibrate` does in a pass of its own), under
+    "calibration" in the result.
     """
     ecfg = cfg.evaluate
     start = time.time()
-    table, out, path, _ = _answers(cfg, model, ecfg.split)
+    name = name or default_name(model)
+    val = _notes(cfg, "val", ecfg.calibration_limit) if calibrate else None
+    table, out, path, constraint = _answers(cfg, model, ecfg.split, calibration=val)
+    fitted = None
+    if val is not None:
+        if constraint is None:
+            raise ValueError(_NEEDS_GRAMMAR)
+        n = table.num_rows - val.num_rows
+        fitted = _fit(cfg, name, path, val, out.slice(n))
+        table, out = table.slice(0, n), out.slice(0, n)
     modes = tuple(m for m in ("constrained", "free") if f"answer_{m}" in out.column_names)
     counts = layout.train_code_counts(cfg.storage)
     space = layout.label_space_name(cfg.storage)
-    name = name or default_name(model)
     rows, generated = [], 0
     for mode in modes:
         # the free pass may cover only the first `free_limit` notes: score those
@@ -274,7 +301,7 @@ def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str
                 "generated_tokens": tokens,
                 "mean_answer_tokens": tokens / max(1, len(texts)),
                 "mean_prompt_tokens": sum(ans["prompt_tokens"].to_pylist()) / max(1, len(texts)),
-                "seconds": round(max(out[f"seconds_{mode}"].to_pylist() or [0.0]), 1),
+                "seconds": round(max(out["seconds"].to_pylist() or [0.0]), 1),  # the pass (both modes)
                 "config": {"limit": ecfg.limit, "split": ecfg.split, "max_new_tokens": ecfg.max_new_tokens},
                 "examples": [
                     {
@@ -296,20 +323,32 @@ def run(cfg: Config, model: str, name: str = "", role: str = "base") -> dict[str
         "seconds": round(seconds, 1),
         "generated_tokens": generated,
         "tokens_per_s": round(generated / max(1e-6, seconds), 1),
+        **({"calibration": fitted} if fitted is not None else {}),
     }
+
+
+_NEEDS_GRAMMAR = "calibration needs constrained decoding (evaluate.engine.constrained=true, backend vllm)"
 
 
 def calibrate(cfg: Config, model: str, name: str) -> dict[str, Any]:
     """Fit the confidence calibration of `model` on the validation split (constrained greedy answers: each
-    code's raw score vs whether it is in gold) and save it as `reports/calibration.json`, which Serve loads."""
+    code's raw score vs whether it is in gold) and save it as `reports/calibration.json`, which Serve loads.
+    A pass of its own; `run(..., calibrate=True)` does the same inside the test pass."""
     start = time.time()
     table, out, path, constraint = _answers(
         cfg, model, "val", ("constrained",), limit=cfg.evaluate.calibration_limit
     )
     if constraint is None:
-        raise ValueError(
-            "calibration needs constrained decoding (evaluate.engine.constrained=true, backend vllm)"
-        )
+        raise ValueError(_NEEDS_GRAMMAR)
+    return _fit(cfg, name, path, table, out, time.time() - start)
+
+
+def _fit(
+    cfg: Config, name: str, path: str, table: pa.Table, out: pa.Table, seconds: float | None = None
+) -> dict[str, Any]:
+    """Calibration and the decision rule's cut from the constrained answers `out` to the validation notes
+    `table`; saved as `reports/calibration.json` (with the answers as predictions `<name>@val`)."""
+    start = time.time()
     golds = table["codes"].to_pylist()
     parsed = [prompts.parse_answer(t) for t in out["answer_constrained"].to_pylist()]
     answers = [
@@ -336,7 +375,9 @@ def calibrate(cfg: Config, model: str, name: str) -> dict[str, Any]:
         "calibration": cal.to_dict(),
         # the decision rule (quote in the note, confidence >= cut) and validation sample-F1 with/without it
         "rule": {"cut": cut, "val_sample_f1": rule_f1, "val_sample_f1_as_written": written_f1},
-        "seconds": round(time.time() - start, 1),
+        # seconds: of its own pass, or of fitting only when its notes decoded in the test pass
+        "seconds": round((seconds or 0.0) + time.time() - start, 1),
+        "decoded_with": "own pass" if seconds is not None else f"the {cfg.evaluate.split} pass",
     }
     storage.write_json(storage.join(layout.Layout(cfg.storage).reports, "calibration.json"), result)
     return result

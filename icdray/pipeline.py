@@ -289,18 +289,33 @@ def run(
         f"base, SFT, SFT+GRPO on {cfg.evaluate.limit or 'all'} {cfg.evaluate.split} notes "
         f"({cfg.evaluate.engine.backend}, Ray Data)",
     )
-    for role, model, row in trained_models(cfg):
+    models = trained_models(cfg)
+    fitted_in_pass = None
+    for role, model, row in models:
         if _evaluated(cfg, row) and not force:
             print(f"  {row}: reports/{row}.json exists, skipped")
             continue
-        got = evaluate.run(cfg, model, name=row, role=role)
+        # the final model's test pass also decodes the calibration notes: one engine start fewer
+        engine = cfg.evaluate.engine
+        with_cal = (
+            row == models[-1][2] and not done["calibrate"] and engine.constrained and engine.backend == "vllm"
+        )
+        got = evaluate.run(cfg, model, name=row, role=role, calibrate=with_cal)
+        fitted_in_pass = got.get("calibration")
         print(
             f"  {row}: "
             + ", ".join(f"{r['model']} sample-F1 {r['sample_f1']:.3f}" for r in got["rows"])
             + f"; {got['generated_tokens']} tokens in {got['seconds']}s"
         )
-    role, model, row = trained_models(cfg)[-1]
-    if done["calibrate"]:
+    role, model, row = models[-1]
+    if fitted_in_pass is not None:
+        cal = fitted_in_pass["calibration"]
+        head("calibrate", f"{row} on {fitted_in_pass['notes']} validation notes, decoded in its test pass")
+        print(
+            f"  threshold {cal['threshold']:.2f}: precision {cal['precision_at_threshold']:.3f}, "
+            f"coverage {cal['coverage_at_threshold']:.3f} of {cal['n_codes']} codes"
+        )
+    elif done["calibrate"]:
         head("calibrate", "reports/calibration.json exists, skipped")
     else:
         head(

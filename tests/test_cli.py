@@ -197,10 +197,16 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
     assert rule["rule_of"] == "sft+grpo-tiny" and rule["n"] == rows["sft+grpo-tiny"]["n"]
     cal = json.loads((tmp_path / "reports/calibration.json").read_text())
     assert cal["calibration"]["cut"] == cal["rule"]["cut"] == rule["cut"]
+    # the calibration notes decoded in the final model's test pass, not in an engine of their own
+    assert cal["decoded_with"] == "the test pass" and "decoded in its test pass" in proc.stdout
     preds = [
         json.loads(x) for x in (tmp_path / "reports/predictions/sft+grpo-tiny.jsonl").read_text().splitlines()
     ]
     assert len(preds) == 3 and all({"hadm_id", "gold", "codes", "flags"} <= set(p) for p in preds)
+    val = (tmp_path / "reports/predictions/sft+grpo-tiny@val.jsonl").read_text().splitlines()
+    assert len(val) == cal["notes"] > 0 and not {json.loads(v)["hadm_id"] for v in val} & {
+        p["hadm_id"] for p in preds
+    }
     results = (tmp_path / "reports/results.md").read_text()
     assert (
         results.index("| frequency-prior |")
