@@ -134,6 +134,11 @@ def on_actor_pool(table: pa.Table, actor: type, ecfg: Any, kwargs: dict[str, Any
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
+def constrained(cfg: Config) -> bool:
+    """Whether evaluation decodes under the answer grammar (the vLLM engine only)."""
+    return cfg.evaluate.engine.constrained and cfg.evaluate.engine.backend == "vllm"
+
+
 def _notes(cfg: Config, split: str, limit: int) -> pa.Table:
     table = layout.read_split(cfg.storage, split, ["hadm_id", "note", "medications", "codes"])
     return table.slice(0, limit) if limit else table
@@ -154,13 +159,11 @@ def _answers(
     ecfg = cfg.evaluate
     table = _notes(cfg, split, ecfg.limit if limit is None else limit)
     path = models.resolve(model)  # fail fast (and build a registry model once) before starting actors
-    constrained = ecfg.engine.constrained and ecfg.engine.backend == "vllm"
-    constraint = grammar.constraint(layout.label_space(cfg.storage), cfg.answer) if constrained else None
+    grammared = constrained(cfg)
+    constraint = grammar.constraint(layout.label_space(cfg.storage), cfg.answer) if grammared else None
     if modes is None:
-        modes = ("free",) if not constrained else ("constrained", "free")[: 1 + (ecfg.free_limit >= 0)]
-    free_ids = (
-        table["hadm_id"].to_pylist()[: ecfg.free_limit] if constrained and ecfg.free_limit > 0 else None
-    )
+        modes = ("free",) if not grammared else ("constrained", "free")[: 1 + (ecfg.free_limit >= 0)]
+    free_ids = table["hadm_id"].to_pylist()[: ecfg.free_limit] if grammared and ecfg.free_limit > 0 else None
     max_new = max(ecfg.max_new_tokens, constraint.max_tokens if constraint else 0)
     kwargs = {
         "model": path,

@@ -290,38 +290,32 @@ def run(
         f"({cfg.evaluate.engine.backend}, Ray Data)",
     )
     models = trained_models(cfg)
-    fitted_in_pass = None
+    fresh_cal = None
     for role, model, row in models:
         if _evaluated(cfg, row) and not force:
             print(f"  {row}: reports/{row}.json exists, skipped")
             continue
         # the final model's test pass also decodes the calibration notes: one engine start fewer
-        engine = cfg.evaluate.engine
-        with_cal = (
-            row == models[-1][2] and not done["calibrate"] and engine.constrained and engine.backend == "vllm"
-        )
+        with_cal = row == models[-1][2] and not done["calibrate"] and evaluate.constrained(cfg)
         got = evaluate.run(cfg, model, name=row, role=role, calibrate=with_cal)
-        fitted_in_pass = got.get("calibration")
+        fresh_cal = got.get("calibration")
         print(
             f"  {row}: "
             + ", ".join(f"{r['model']} sample-F1 {r['sample_f1']:.3f}" for r in got["rows"])
             + f"; {got['generated_tokens']} tokens in {got['seconds']}s"
         )
     role, model, row = models[-1]
-    if fitted_in_pass is not None:
-        cal = fitted_in_pass["calibration"]
-        head("calibrate", f"{row} on {fitted_in_pass['notes']} validation notes, decoded in its test pass")
-        print(
-            f"  threshold {cal['threshold']:.2f}: precision {cal['precision_at_threshold']:.3f}, "
-            f"coverage {cal['coverage_at_threshold']:.3f} of {cal['n_codes']} codes"
-        )
+    if fresh_cal is not None:
+        head("calibrate", f"{row} on {fresh_cal['notes']} validation notes, decoded in its test pass")
     elif done["calibrate"]:
         head("calibrate", "reports/calibration.json exists, skipped")
     else:
         head(
             "calibrate", f"confidence of {row} on {cfg.evaluate.calibration_limit or 'all'} validation notes"
         )
-        cal = evaluate.calibrate(cfg, model, row)["calibration"]
+        fresh_cal = evaluate.calibrate(cfg, model, row)
+    if fresh_cal is not None:
+        cal = fresh_cal["calibration"]
         print(
             f"  threshold {cal['threshold']:.2f}: precision {cal['precision_at_threshold']:.3f}, "
             f"coverage {cal['coverage_at_threshold']:.3f} of {cal['n_codes']} codes"
