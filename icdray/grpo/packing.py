@@ -257,7 +257,8 @@ def token_logprobs(
     (constrained decoding); the log-probs are then those of the masked, renormalised distribution.
     """
     logits = _shared_logits(model, batch) if isinstance(batch, SharedBatch) else _packed_logits(model, batch)
-    logits = logits.float() / (temperature or 1.0)  # (N, V)
+    # bf16/fp16 logits are scored in fp32; fp64 (the exactness tests) stays fp64
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / (temperature or 1.0)  # (N, V)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     logp = torch.log_softmax(logits, dim=-1)  # (N, V)
