@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 import zlib
@@ -35,6 +36,13 @@ from icdray.config import Config, InputConfig, SFTConfig
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that do not count in the loss (prompt, padding)
+
+
+def _say(line: str) -> None:
+    """One progress line from a Train worker. Ray Train patches `print` on its workers to write the
+    line to stdout and log it again through the root logger, so the driver showed every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -176,7 +184,7 @@ def train_loop(config: dict[str, Any]) -> None:
             # sequence lengths, so their generators have drawn different amounts)
             torch.set_rng_state(torch.load(Path(d) / f"rng-rank{rank}.pt"))
         if rank == 0:
-            print(f"[sft] resumed from the checkpoint of step {step}", flush=True)
+            _say(f"[sft] resumed from the checkpoint of step {step}")
 
     lengths = [len(e.input_ids) for e in train]
     device = engine.device
@@ -215,11 +223,10 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics["val_loss"] = _val_loss(engine, val, pad_id, cfg.micro_batch_size, rank, world)
         save = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or end_of_epoch
         if rank == 0:
-            print(
+            _say(
                 f"[sft] step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                 f"{metrics['tokens_per_s']:.0f} tok/s"
-                + (f" val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""),
-                flush=True,
+                + (f" val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
             )
         history.append(metrics)
         if save:
@@ -330,7 +337,7 @@ def run(cfg: Config, output: str | None = None, run_name: str = "") -> SFTResult
     Re-running with the same config resumes the same Ray Train run from its latest checkpoint.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
@@ -378,6 +385,7 @@ def run(cfg: Config, output: str | None = None, run_name: str = "") -> SFTResult
             storage_path=ray_root,
             failure_config=FailureConfig(max_failures=scfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),  # not a "Reporting training result" per step
         ),
     )
     result = trainer.fit()

@@ -173,6 +173,12 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
     assert "[grpo] step 2/2" in proc.stdout and (tmp_path / "checkpoints/grpo/model.safetensors").exists()
     import json
 
+    # the validation gate scored the start model and the last step, and exported the better one
+    assert "[grpo] start model: val sample-F1" in proc.stdout
+    gate = json.loads((tmp_path / "checkpoints/grpo/gate.json").read_text())
+    kept = json.loads((tmp_path / "checkpoints/grpo/icdray_grpo.json").read_text())["kept_step"]
+    assert set(gate) == {"0", "2"} and kept == (2 if gate["2"] > gate["0"] else 0)
+
     data = json.loads((tmp_path / "reports/results.json").read_text())
     rows = {r["model"]: r for r in data["rows"]}
     assert {

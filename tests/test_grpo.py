@@ -4,6 +4,8 @@ drilled in tests/test_storage_s3.py."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import ray
 import torch
@@ -196,6 +198,13 @@ def test_a_rollout_worker_killed_mid_step_is_replaced_and_the_step_completes(sto
     assert result.history[0]["rollout_restarts"] == 0
     assert result.history[1]["rollout_restarts"] == 1
     assert "loss" in result.history[1] and "val_sample_f1" in result.history[1]
+    # grpo.keep_best: the start model and step 2 were scored on validation; the better one was exported
+    out = tmp_path / "grpo"
+    gate = {int(k): v for k, v in json.loads((out / "gate.json").read_text()).items()}
+    assert sorted(gate) == [0, 2] and gate[2] == result.history[1]["val_sample_f1"]
+    meta = json.loads((out / "icdray_grpo.json").read_text())
+    assert meta["kept_step"] == result.kept_step == (2 if gate[2] > gate[0] else 0)
+    assert (out / "model.safetensors").exists()
     # the replacement worker got the current weights: its sampler log-probs match the learner's
     assert result.history[1]["sampler_logprob_gap"] < 1e-3
 

@@ -18,6 +18,15 @@ def test_group_advantages_by_hand():
         grpo.group_advantages(r, 3)
 
 
+def test_best_step_keeps_the_start_model_unless_a_step_beats_it():
+    assert grpo.best_step({0: 0.50, 4: 0.49}) == 0
+    assert grpo.best_step({0: 0.50, 4: 0.50}) == 0  # a tie keeps the earlier weights
+    assert grpo.best_step({0: 0.50, 2: 0.55, 4: 0.52}) == 2
+    assert grpo.best_step({4: 0.3, 2: 0.3}) == 2
+    with pytest.raises(ValueError):
+        grpo.best_step({})
+
+
 def test_loss_matches_trl_formulas():
     torch.manual_seed(0)
     b, t, g = 4, 6, 2

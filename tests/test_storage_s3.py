@@ -116,6 +116,8 @@ def test_stages_checkpoint_to_s3_and_resume_after_a_kill(s3, demo_root):
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "[sft] resumed from the checkpoint of step 2" in resumed.stdout + resumed.stderr
+    # one progress line per step (Ray Train's print patch used to log every line a second time)
+    assert (resumed.stdout + resumed.stderr).count("[sft] step 4/4 ") == 1
     steps = [json.loads(x)["step"] for x in storage.read_text(where.metrics("sft")).splitlines()]
     assert steps == [1, 2, 3, 4]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(

@@ -35,6 +35,14 @@ def group_advantages(
     return adv.reshape(-1)
 
 
+def best_step(val_f1: dict[int, float]) -> int:
+    """The step whose weights to keep: the highest validation score, the earliest on a tie, so a GRPO step
+    must beat the start model (step 0) on validation to replace it."""
+    if not val_f1:
+        raise ValueError("no validation scores to choose a step from")
+    return max(sorted(val_f1), key=lambda step: val_f1[step])
+
+
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """(P,) True for groups whose samples all scored the same: they carry no learning signal."""
     grouped = rewards.view(-1, group_size)

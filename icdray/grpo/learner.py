@@ -386,6 +386,16 @@ class Learner:
             model.save_pretrained(here, safe_serialization=True)
             AutoTokenizer.from_pretrained(source_path).save_pretrained(here)
 
+    def copy_model(self, out: str, source: str) -> None:
+        """Rank 0 writes the HF folder `source` (the start model, or a kept step's export) as the output."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self.rank != 0:
+            return
+        with _local(source, download=True) as src, _local(out, upload=True) as here:
+            AutoModelForCausalLM.from_pretrained(src).save_pretrained(here, safe_serialization=True)
+            AutoTokenizer.from_pretrained(src).save_pretrained(here)
+
 
 @contextlib.contextmanager
 def _local(folder: str, upload: bool = False, download: bool = False) -> Iterator[str]:

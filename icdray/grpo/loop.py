@@ -119,6 +119,7 @@ class GRPOResult:
     resumed_from: int
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    kept_step: int | None = None  # the step whose weights were exported, when the validation gate chose
 
     def format(self) -> str:
         h = self.history
@@ -132,7 +133,9 @@ class GRPOResult:
             + (f" (resumed after step {self.resumed_from})" if self.resumed_from else "")
             + f", {updates} with an update; reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}"
             + (f"; val sample-F1 {vals[0]:.3f} -> {vals[-1]:.3f}" if vals else "")
-            + f"; {sum(m['step_s'] for m in h) / len(h):.1f}s/step, {self.seconds:.0f}s; model in {self.output}"
+            + f"; {sum(m['step_s'] for m in h) / len(h):.1f}s/step, {self.seconds:.0f}s"
+            + (f"; kept step {self.kept_step}" if self.kept_step is not None else "")
+            + f"; model in {self.output}"
         )
 
 
@@ -547,6 +550,10 @@ def run(cfg: Config, output: str | None = None, hooks: Hooks | None = None) -> G
             flush=True,
         )
     storage.write_text(metrics_path, "".join(x + "\n" for x in lines))
+    gate = _Gate(out, resumed) if g.keep_best and val else None
+    if gate is not None and 0 not in gate.scores:
+        gate.record(0, ctl.validate(val)["val_sample_f1"])
+        print(f"[grpo] start model: val sample-F1 {gate.scores[0]:.3f} on {len(val)} notes", flush=True)
 
     history: list[dict[str, Any]] = []
     for step in range(resumed + 1, g.steps + 1):
@@ -555,15 +562,57 @@ def run(cfg: Config, output: str | None = None, hooks: Hooks | None = None) -> G
         lines.append(json.dumps(m))
         storage.write_text(metrics_path, "".join(x + "\n" for x in lines))
         print(_line(m, g), flush=True)
+        if gate is not None and "val_sample_f1" in m:
+            gate.record(step, m["val_sample_f1"])
+            if step < g.steps and gate.best == step:  # the final step's weights are exported below anyway
+                ray.get([lr.save_model.remote(gate.folder(step), model_path) for lr in ctl.learners])
 
+    kept = gate.best if gate is not None else None
     if history or not storage.exists(storage.join(out, "config.json")):
-        ray.get([lr.save_model.remote(out, model_path) for lr in ctl.learners])
+        if kept is None or kept == g.steps:
+            ray.get([lr.save_model.remote(out, model_path) for lr in ctl.learners])
+        else:
+            source = model_path if kept == 0 else gate.folder(kept)
+            ray.get([lr.copy_model.remote(out, source) for lr in ctl.learners])
+            print(
+                f"[grpo] kept step {kept}: val sample-F1 {gate.scores[kept]:.3f}, against "
+                f"{gate.scores.get(g.steps, float('nan')):.3f} at the last step",
+                flush=True,
+            )
         storage.write_json(
             storage.join(out, "icdray_grpo.json"),
-            {"grpo": asdict(g), "base_model": model_path, "steps": g.steps},
+            {
+                "grpo": asdict(g),
+                "base_model": model_path,
+                "steps": g.steps,
+                "kept_step": g.steps if kept is None else kept,
+                "val_sample_f1_by_step": gate.scores if gate is not None else {},
+            },
         )
     ctl.shutdown()
-    return GRPOResult(out, g.steps, resumed, history, time.time() - start_time)
+    return GRPOResult(out, g.steps, resumed, history, time.time() - start_time, kept)
+
+
+class _Gate:
+    """`grpo.keep_best`: validation sample-F1 by step (0 = the start model) in `OUT/gate.json`, and the
+    export of the best step so far under `OUT/_best/`, so a resumed run chooses from the same figures."""
+
+    def __init__(self, out: str, resumed: int) -> None:
+        self.out, self.path = out, storage.join(out, "gate.json")
+        saved = storage.read_json(self.path) if resumed and storage.exists(self.path) else {}
+        # figures of steps after the checkpoint came from the killed run, which this run repeats
+        self.scores = {int(k): float(v) for k, v in saved.items() if int(k) <= resumed}
+
+    @property
+    def best(self) -> int:
+        return algo.best_step(self.scores)
+
+    def folder(self, step: int) -> str:
+        return storage.join(self.out, "_best", f"step-{step:06d}")
+
+    def record(self, step: int, f1: float) -> None:
+        self.scores[step] = f1
+        storage.write_json(self.path, {str(k): v for k, v in sorted(self.scores.items())})
 
 
 def _line(m: dict[str, Any], g: GRPOConfig) -> str:
