@@ -29,6 +29,16 @@ def grpo_history(root: str) -> list[dict[str, Any]]:
     return _jsonl(layout.Layout(root).metrics("grpo"))
 
 
+def grpo_gate(root: str) -> dict[str, Any] | None:
+    """The validation gate's figures (`grpo.keep_best`): {"scores": {step: val sample-F1}, "kept_step"}."""
+    path = storage.join(layout.Layout(root).checkpoint("grpo"), "icdray_grpo.json")
+    meta = storage.read_json(path) if storage.exists(path) else {}
+    scores = meta.get("val_sample_f1_by_step") or {}
+    if not scores:
+        return None
+    return {"scores": {int(k): float(v) for k, v in scores.items()}, "kept_step": meta["kept_step"]}
+
+
 def sft_history(root: str) -> list[dict[str, Any]]:
     return _jsonl(layout.Layout(root).metrics("sft"))
 
@@ -72,16 +82,23 @@ def markdown(root: str) -> str:
         first, last = history[0], history[-1]
         vals = [m for m in history if "val_sample_f1" in m]
         updates = sum("loss" in m for m in history)
+        gate = grpo_gate(root)
+        if gate:  # grpo.keep_best: the start model was scored too, and one step's weights were kept
+            by_step = ", ".join(f"step {k} {v:.3f}" for k, v in sorted(gate["scores"].items()))
+            kept = gate["kept_step"]
+            val = f", validation sample-F1 {by_step} (step 0 = the SFT model); kept step {kept}" + (
+                ": no GRPO step beat the SFT model, so the SFT+GRPO rows score its weights"
+                if kept == 0
+                else ""
+            )
+        elif vals:
+            val = f", validation sample-F1 {vals[0]['val_sample_f1']:.3f} -> {vals[-1]['val_sample_f1']:.3f}"
+        else:
+            val = ""
         lines += [
             "",
             f"GRPO: {len(history)} steps ({updates} with an update), reward {first['reward_mean']:.3f} -> "
-            f"{last['reward_mean']:.3f}"
-            + (
-                f", validation sample-F1 {vals[0]['val_sample_f1']:.3f} -> {vals[-1]['val_sample_f1']:.3f}"
-                if vals
-                else ""
-            )
-            + ".",
+            f"{last['reward_mean']:.3f}{val}.",
         ]
     cal = calibration(root)
     if cal:

@@ -39,6 +39,16 @@ def test_report_rows_comparisons_and_plots(tmp_path):
         order
     )  # pipeline order: prior, baselines, base (constrained, then free), sft, grpo
     assert "reward 0.100 -> 0.300" in text and "validation sample-F1 0.050 -> 0.150" in text
+    # with the validation gate's figures the line says which step's weights the GRPO rows score
+    gate = {"kept_step": 0, "val_sample_f1_by_step": {"0": 0.2, "3": 0.15}}
+    storage.write_json(storage.join(root, "checkpoints/grpo/icdray_grpo.json"), gate)
+    report.write(root)
+    text = (tmp_path / "reports" / "results.md").read_text()
+    assert (
+        "validation sample-F1 step 0 0.200, step 3 0.150 (step 0 = the SFT model); kept step 0: no GRPO"
+        in text
+    )
+    (tmp_path / "checkpoints/grpo/icdray_grpo.json").unlink()
 
     data = json.loads((tmp_path / "reports" / "results.json").read_text())
     keys = {
