@@ -251,8 +251,8 @@ class GRPOConfig:
     use_gpu: bool = False
     checkpoint_every: int = 5  # steps; the last step always saves the final model
     # steps between validation runs (greedy answers on val, sample-F1), and always at the last step; 0 =
-    # never. The demo validates at its last step only (and the start model, for keep_best): about 40 s for
-    # 24 notes; the long and GPU profiles draw the curve
+    # never. The demo validates at its last step only (and the start model, for keep_best): 76 s each for
+    # 24 notes here; the long and GPU profiles draw the curve
     val_every: int = 4
     val_notes: int = 24
     # with validation on: also score the start model, and export the weights of the step that scored best

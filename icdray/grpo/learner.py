@@ -375,26 +375,27 @@ class Learner:
 
     def save_model(self, out: str, source_path: str) -> None:
         """Rank 0 writes the merged model as an HF folder (weights + tokenizer) that any stage loads."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         weights = self.export_weights()
-        if self.rank != 0:
-            return
-        model = AutoModelForCausalLM.from_pretrained(source_path)
-        model.load_state_dict(weights, strict=False)
-        with _local(out, upload=True) as here:
-            model.save_pretrained(here, safe_serialization=True)
-            AutoTokenizer.from_pretrained(source_path).save_pretrained(here)
+        if self.rank == 0:
+            _write_hf(out, source_path, weights)
 
     def copy_model(self, out: str, source: str) -> None:
         """Rank 0 writes the HF folder `source` (the start model, or a kept step's export) as the output."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        if self.rank == 0:
+            with _local(source, download=True) as src:
+                _write_hf(out, src)
 
-        if self.rank != 0:
-            return
-        with _local(source, download=True) as src, _local(out, upload=True) as here:
-            AutoModelForCausalLM.from_pretrained(src).save_pretrained(here, safe_serialization=True)
-            AutoTokenizer.from_pretrained(src).save_pretrained(here)
+
+def _write_hf(out: str, source: str, weights: dict[str, Any] | None = None) -> None:
+    """The HF folder `source` (a local path), with `weights` loaded over it when given, written to `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    if weights is not None:
+        model.load_state_dict(weights, strict=False)
+    with _local(out, upload=True) as here:
+        model.save_pretrained(here, safe_serialization=True)
+        AutoTokenizer.from_pretrained(source).save_pretrained(here)
 
 
 @contextlib.contextmanager
