@@ -330,6 +330,29 @@ def run(
     }
 
 
+def reuse(cfg: Config, source: str, name: str, role: str, model_path: str, why: str) -> list[dict[str, Any]]:
+    """Rows `name` (and `name-free`) copied from rows `source` of a model with bit-identical weights
+    (the GRPO gate exported its start model): greedy decoding of the same weights on the same notes gives
+    the same answers, so they are not decoded again. Each row says where it came from and why."""
+    where, rows = layout.Layout(cfg.storage), []
+    for suffix in ("", "-free"):
+        if not storage.exists(where.report(source + suffix)):
+            continue
+        row = storage.read_json(where.report(source + suffix))
+        row.update(
+            model=name + suffix, role=role, model_path=model_path, reused_from=source + suffix, reused_why=why
+        )
+        results.save_row(cfg.storage, row)
+        if storage.exists(where.predictions(source + suffix)):
+            storage.write_text(
+                where.predictions(name + suffix), storage.read_text(where.predictions(source + suffix))
+            )
+        rows.append(row)
+    if not rows:
+        raise FileNotFoundError(f"no report row {source!r} under {where.reports} to reuse; evaluate it first")
+    return rows
+
+
 _NEEDS_GRAMMAR = "calibration needs constrained decoding (evaluate.engine.constrained=true, backend vllm)"
 
 

@@ -61,6 +61,22 @@ def trained_models(cfg: Config) -> list[tuple[str, str, str]]:
     ]
 
 
+def _kept_start(cfg: Config) -> bool:
+    """The GRPO gate exported the SFT model unchanged (kept step 0, the same weights bit for bit), and the
+    SFT row is scored on this profile's notes: the SFT+GRPO rows are then the SFT rows."""
+    from icdray.training import folder_digest
+
+    where = Layout(cfg.storage)
+    meta = storage.join(where.checkpoint("grpo"), "icdray_grpo.json")
+    sft_row = trained_models(cfg)[1][2]
+    return (
+        storage.exists(meta)
+        and storage.read_json(meta).get("kept_step") == 0
+        and _evaluated(cfg, sft_row)
+        and folder_digest(where.checkpoint("grpo")) == folder_digest(where.checkpoint("sft"))
+    )
+
+
 def _evaluated(cfg: Config, row: str) -> bool:
     path = Layout(cfg.storage).report(row)
     return (
@@ -294,6 +310,13 @@ def run(
     for role, model, row in models:
         if _evaluated(cfg, row) and not force:
             print(f"  {row}: reports/{row}.json exists, skipped")
+            continue
+        if role == "grpo" and _kept_start(cfg):
+            why = "the GRPO gate kept step 0: its weights are the SFT model's, bit for bit"
+            got_rows = evaluate.reuse(cfg, models[1][2], row, role, model, why)
+            print(
+                f"  {row}: {why}; rows copied from {models[1][2]} (sample-F1 {got_rows[0]['sample_f1']:.3f})"
+            )
             continue
         # the final model's test pass also decodes the calibration notes: one engine start fewer
         with_cal = row == models[-1][2] and not done["calibrate"] and evaluate.constrained(cfg)

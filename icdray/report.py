@@ -87,7 +87,8 @@ def markdown(root: str) -> str:
             by_step = ", ".join(f"step {k} {v:.3f}" for k, v in sorted(gate["scores"].items()))
             kept = gate["kept_step"]
             val = f", validation sample-F1 {by_step} (step 0 = the SFT model); kept step {kept}" + (
-                ": no GRPO step beat the SFT model, so the SFT+GRPO rows score its weights"
+                ": no GRPO step beat the SFT model, so the SFT+GRPO rows score its weights (the SFT rows' answers,"
+                " not decoded again: the weights are bit-identical)"
                 if kept == 0
                 else ""
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import resource
+from pathlib import Path
 from typing import Any
 
 from icdray import models
@@ -87,6 +88,33 @@ def params_digest(module: Any) -> str:
     for name, p in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def folder_digest(folder: str) -> str:
+    """`params_digest` of an HF folder's saved weights (every `*.safetensors`, local or under a URI), read
+    without building the model: two folders with equal digests hold bit-identical weights."""
+    import hashlib
+    import tempfile
+
+    from safetensors import safe_open
+
+    from icdray import storage
+
+    h = hashlib.sha256()
+    with tempfile.TemporaryDirectory(prefix="icdray-digest-") as tmp:
+        if storage.is_uri(folder):
+            storage.download_dir(folder, tmp)
+            folder = tmp
+        tensors = {}
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open has no iter)
+        if not tensors:
+            raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+        for name, t in sorted(tensors.items()):
+            h.update(name.encode())
+            h.update(t.float().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

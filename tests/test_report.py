@@ -137,3 +137,47 @@ def test_evidence_and_format_rates():
         notes=["pt with HTN", "pt with HTN"],
     )
     assert row["format_ok_rate"] == 0.5 and row["evidence_found_rate"] == 0.5
+
+
+def test_a_gate_that_kept_the_sft_model_reuses_its_rows_only_for_identical_weights(tmp_path):
+    """The SFT+GRPO rows are the SFT rows when the gate exported the SFT weights unchanged; one changed
+    weight, or a gate that kept a later step, and the rows are decoded again."""
+    import torch
+
+    from icdray import models, pipeline
+    from icdray.config import load_config
+    from icdray.evaluate import reuse
+    from icdray.grpo.learner import _write_hf
+    from icdray.layout import Layout
+
+    cfg = load_config(None, [f"storage={tmp_path}", "sft.model=tiny"])
+    where = Layout(cfg.storage)
+    _write_hf(where.checkpoint("sft"), models.resolve("tiny"))
+    _write_hf(where.checkpoint("grpo"), where.checkpoint("sft"))  # the gate's copy_model: a re-save
+    storage.write_json(storage.join(where.checkpoint("grpo"), "icdray_grpo.json"), {"kept_step": 0})
+    sft_row, grpo_row = pipeline.trained_models(cfg)[1][2], pipeline.trained_models(cfg)[2][2]
+    sft = results.make_row(sft_row, "sft", "top-50", HADM, [["I10"]] * 4, GOLD, constrained=True)
+    sft["config"] = {"limit": cfg.evaluate.limit}
+    results.save_row(cfg.storage, sft)
+    storage.write_text(where.predictions(sft_row), '{"hadm_id": 1}\n')
+    assert pipeline._kept_start(cfg)
+
+    rows = reuse(cfg, sft_row, grpo_row, "grpo", where.checkpoint("grpo"), "same weights")
+    assert [r["model"] for r in rows] == [grpo_row]  # no free row was saved, none is made up
+    again = storage.read_json(where.report(grpo_row))
+    assert again["role"] == "grpo" and again["reused_from"] == sft_row
+    assert again["sample_f1"] == sft["sample_f1"] and again["per_admission"] == sft["per_admission"]
+    assert storage.read_text(where.predictions(grpo_row)) == '{"hadm_id": 1}\n'
+
+    storage.write_json(storage.join(where.checkpoint("grpo"), "icdray_grpo.json"), {"kept_step": 4})
+    assert not pipeline._kept_start(cfg)
+    storage.write_json(storage.join(where.checkpoint("grpo"), "icdray_grpo.json"), {"kept_step": 0})
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(where.checkpoint("grpo"))
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    model.save_pretrained(where.checkpoint("grpo"))
+    assert not pipeline._kept_start(cfg)
+    with pytest.raises(FileNotFoundError, match="evaluate it first"):
+        reuse(cfg, "no-such-row", grpo_row, "grpo", "", "")
