@@ -295,7 +295,9 @@ def test_bearer_token_auth(server, store):
     from serve_app.app import build_app
 
     env = {"env_vars": {"ICDRAY_API_TOKEN": "s3cret"}}
-    app = build_app(TINY, ray_actor_options={"num_cpus": 0.5, "runtime_env": env})
+    # the token check sits in front of the engine: the transformers engine starts in seconds, not a minute
+    plain = {**TINY, "engine": {"backend": "hf", "constrained": False}, "max_new_tokens": 8}
+    app = build_app(plain, ray_actor_options={"num_cpus": 0.5, "runtime_env": env})
     serve.run(app, name="coder-auth", route_prefix="/auth", blocking=False)
     url = server + "/auth"
     _wait(url)
