@@ -31,6 +31,8 @@ TINY = {
     "max_evidence_chars": 12,
     "max_codes": 3,
 }
+# the same model on the transformers engine, free: starts in seconds, for tests of what sits in front of it
+PLAIN = {**TINY, "engine": {"backend": "hf", "constrained": False}, "max_new_tokens": 8}
 
 
 def _free_port() -> int:
@@ -295,9 +297,7 @@ def test_bearer_token_auth(server, store):
     from serve_app.app import build_app
 
     env = {"env_vars": {"ICDRAY_API_TOKEN": "s3cret"}}
-    # the token check sits in front of the engine: the transformers engine starts in seconds, not a minute
-    plain = {**TINY, "engine": {"backend": "hf", "constrained": False}, "max_new_tokens": 8}
-    app = build_app(plain, ray_actor_options={"num_cpus": 0.5, "runtime_env": env})
+    app = build_app(PLAIN, ray_actor_options={"num_cpus": 0.5, "runtime_env": env})
     serve.run(app, name="coder-auth", route_prefix="/auth", blocking=False)
     url = server + "/auth"
     _wait(url)
@@ -323,7 +323,7 @@ def test_feedback_survives_a_restart_and_two_replicas_write_at_once(server, stor
     with _db(store) as db:
         before = db.execute("select count(*) from feedback").fetchone()[0]
     app = build_app(
-        {**TINY, "storage": store, "engine": {"backend": "hf", "constrained": False}, "max_new_tokens": 8},
+        {**PLAIN, "storage": store},
         num_replicas=2,
         ray_actor_options={"num_cpus": 0.25},
     )
