@@ -16,7 +16,7 @@ def prepared(ray_session, demo_root, tmp_path_factory):
 
 @pytest.mark.parametrize("features", ["tfidf", "encoder"])
 def test_baseline_beats_frequency_prior_and_writes_metrics(prepared, features):
-    result = baseline.run(BaselineConfig(encoder_max_windows=2), prepared, features)
+    result = baseline.run(BaselineConfig(encoder_max_windows=1), prepared, features)
     name = "tfidf-logreg" if features == "tfidf" else "encoder-minilm-logreg"
     saved = storage.read_json(layout.Layout(prepared).report(name))
     assert saved["metrics"] == pytest.approx(result["metrics"]) and saved["role"] == "baseline"
