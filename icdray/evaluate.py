@@ -239,14 +239,20 @@ def read_predictions(root: str, name: str) -> list[dict[str, Any]]:
 
 
 def run(
-    cfg: Config, model: str, name: str = "", role: str = "base", calibrate: bool = False
+    cfg: Config,
+    model: str,
+    name: str = "",
+    role: str = "base",
+    calibrate: bool = False,
+    calibrate_as: str = "",
 ) -> dict[str, Any]:
     """Generate, parse and score `model` on `evaluate.split`. Needs Ray initialised.
 
     Writes one report row per mode and returns {"rows": [...], "seconds", "generated_tokens", "tokens_per_s"}.
     With `calibrate` (constrained decoding only), the calibration notes decode in the same pass and
     `reports/calibration.json` is fitted from them (what `calibrate` does in a pass of its own), under
-    "calibration" in the result.
+    "calibration" in the result; `calibrate_as` names the model it is saved for when that is another row
+    with the same weights (the GRPO gate exported the SFT model), else it is `name`'s.
     """
     ecfg = cfg.evaluate
     start = time.time()
@@ -258,7 +264,7 @@ def run(
         if constraint is None:
             raise ValueError(_NEEDS_GRAMMAR)
         n = table.num_rows - val.num_rows
-        fitted = _fit(cfg, name, path, val, out.slice(n))
+        fitted = _fit(cfg, calibrate_as or name, path, val, out.slice(n), pass_of=name)
         table, out = table.slice(0, n), out.slice(0, n)
     modes = tuple(m for m in ("constrained", "free") if f"answer_{m}" in out.column_names)
     counts = layout.train_code_counts(cfg.storage)
@@ -370,10 +376,18 @@ def calibrate(cfg: Config, model: str, name: str) -> dict[str, Any]:
 
 
 def _fit(
-    cfg: Config, name: str, path: str, table: pa.Table, out: pa.Table, seconds: float | None = None
+    cfg: Config,
+    name: str,
+    path: str,
+    table: pa.Table,
+    out: pa.Table,
+    seconds: float | None = None,
+    pass_of: str = "",
 ) -> dict[str, Any]:
     """Calibration and the decision rule's cut from the constrained answers `out` to the validation notes
-    `table`; saved as `reports/calibration.json` (with the answers as predictions `<name>@val`)."""
+    `table`; saved as `reports/calibration.json` (with the answers as predictions `<name>@val`). `seconds`:
+    the notes had a pass of their own that took this long; else they decoded in the test pass of row
+    `pass_of`."""
     start = time.time()
     golds = table["codes"].to_pylist()
     parsed = [prompts.parse_answer(t) for t in out["answer_constrained"].to_pylist()]
@@ -404,6 +418,7 @@ def _fit(
         # seconds: of its own pass, or of fitting only when its notes decoded in the test pass
         "seconds": round((seconds or 0.0) + time.time() - start, 1),
         "decoded_with": "own pass" if seconds is not None else f"the {cfg.evaluate.split} pass",
+        **({"pass_of": pass_of} if seconds is None else {}),
     }
     storage.write_json(storage.join(layout.Layout(cfg.storage).reports, "calibration.json"), result)
     return result

@@ -61,20 +61,23 @@ def trained_models(cfg: Config) -> list[tuple[str, str, str]]:
     ]
 
 
-def _kept_start(cfg: Config) -> bool:
-    """The GRPO gate exported the SFT model unchanged (kept step 0, the same weights bit for bit), and the
-    SFT row is scored on this profile's notes: the SFT+GRPO rows are then the SFT rows."""
+def _exported_sft(cfg: Config) -> bool:
+    """The GRPO gate exported the SFT model unchanged (kept step 0, the same weights bit for bit)."""
     from icdray.training import folder_digest
 
     where = Layout(cfg.storage)
     meta = storage.join(where.checkpoint("grpo"), "icdray_grpo.json")
-    sft_row = trained_models(cfg)[1][2]
     return (
         storage.exists(meta)
         and storage.read_json(meta).get("kept_step") == 0
-        and _evaluated(cfg, sft_row)
         and folder_digest(where.checkpoint("grpo")) == folder_digest(where.checkpoint("sft"))
     )
+
+
+def _kept_start(cfg: Config) -> bool:
+    """The GRPO gate exported the SFT model and the SFT row is scored on this profile's notes: the SFT+GRPO
+    rows are then the SFT rows."""
+    return _evaluated(cfg, trained_models(cfg)[1][2]) and _exported_sft(cfg)
 
 
 def _evaluated(cfg: Config, row: str) -> bool:
@@ -306,6 +309,11 @@ def run(
         f"({cfg.evaluate.engine.backend}, Ray Data)",
     )
     models = trained_models(cfg)
+    final = models[-1][2]
+    # the final model's test pass also decodes the calibration notes (one engine start fewer); when its rows
+    # will be SFT's (the gate exported the SFT weights), SFT's pass decodes them for it
+    sft_decodes = force or not _evaluated(cfg, models[1][2])
+    cal_pass = models[1][2] if sft_decodes and _exported_sft(cfg) else final
     fresh_cal = None
     for role, model, row in models:
         if _evaluated(cfg, row) and not force:
@@ -318,9 +326,8 @@ def run(
                 f"  {row}: {why}; rows copied from {models[1][2]} (sample-F1 {got_rows[0]['sample_f1']:.3f})"
             )
             continue
-        # the final model's test pass also decodes the calibration notes: one engine start fewer
-        with_cal = row == models[-1][2] and not done["calibrate"] and evaluate.constrained(cfg)
-        got = evaluate.run(cfg, model, name=row, role=role, calibrate=with_cal)
+        with_cal = row == cal_pass and not done["calibrate"] and evaluate.constrained(cfg)
+        got = evaluate.run(cfg, model, name=row, role=role, calibrate=with_cal, calibrate_as=final)
         fresh_cal = got.get("calibration")
         print(
             f"  {row}: "
@@ -329,7 +336,10 @@ def run(
         )
     role, model, row = models[-1]
     if fresh_cal is not None:
-        head("calibrate", f"{row} on {fresh_cal['notes']} validation notes, decoded in its test pass")
+        where_from = "its" if cal_pass == row else f"{cal_pass}'s (the same weights)"
+        head(
+            "calibrate", f"{row} on {fresh_cal['notes']} validation notes, decoded in {where_from} test pass"
+        )
     elif done["calibrate"]:
         head("calibrate", "reports/calibration.json exists, skipped")
     else:

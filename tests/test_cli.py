@@ -203,13 +203,15 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
     assert rule["rule_of"] == "sft+grpo-tiny" and rule["n"] == rows["sft+grpo-tiny"]["n"]
     cal = json.loads((tmp_path / "reports/calibration.json").read_text())
     assert cal["calibration"]["cut"] == cal["rule"]["cut"] == rule["cut"]
-    if kept == 0:  # the SFT weights were exported: their rows are reused, calibration decodes on its own
-        assert rows["sft+grpo-tiny"]["reused_from"] == "sft-tiny" and cal["decoded_with"] == "own pass"
+    assert cal["model"] == "sft+grpo-tiny" and cal["decoded_with"] == "the test pass"  # no engine of its own
+    if kept == 0:  # the SFT weights were exported: their rows are reused, SFT's test pass decoded calibration
+        assert rows["sft+grpo-tiny"]["reused_from"] == "sft-tiny" and cal["pass_of"] == "sft-tiny"
+        assert "decoded in sft-tiny's (the same weights) test pass" in proc.stdout
         assert rows["sft+grpo-tiny"]["sample_f1"] == rows["sft-tiny"]["sample_f1"]
         reused = (tmp_path / "reports/predictions/sft+grpo-tiny.jsonl").read_text()
         assert reused == (tmp_path / "reports/predictions/sft-tiny.jsonl").read_text()
-    else:  # the calibration notes decoded in the final model's test pass, not in an engine of their own
-        assert cal["decoded_with"] == "the test pass" and "decoded in its test pass" in proc.stdout
+    else:  # the calibration notes decoded in the final model's test pass
+        assert cal["pass_of"] == "sft+grpo-tiny" and "decoded in its test pass" in proc.stdout
     preds = [
         json.loads(x) for x in (tmp_path / "reports/predictions/sft+grpo-tiny.jsonl").read_text().splitlines()
     ]
