@@ -74,10 +74,13 @@ def _exported_sft(cfg: Config) -> bool:
     )
 
 
-def _kept_start(cfg: Config) -> bool:
+def _kept_start(cfg: Config, exported: bool | None = None) -> bool:
     """The GRPO gate exported the SFT model and the SFT row is scored on this profile's notes: the SFT+GRPO
-    rows are then the SFT rows."""
-    return _evaluated(cfg, trained_models(cfg)[1][2]) and _exported_sft(cfg)
+    rows are then the SFT rows. `exported`: `_exported_sft(cfg)` when the caller has it (the digests read
+    both checkpoints whole, downloads on object storage)."""
+    if not _evaluated(cfg, trained_models(cfg)[1][2]):
+        return False
+    return _exported_sft(cfg) if exported is None else exported
 
 
 def _evaluated(cfg: Config, row: str) -> bool:
@@ -312,14 +315,15 @@ def run(
     final = models[-1][2]
     # the final model's test pass also decodes the calibration notes (one engine start fewer); when its rows
     # will be SFT's (the gate exported the SFT weights), SFT's pass decodes them for it
+    exported = _exported_sft(cfg)  # the checkpoints stay as they are through evaluation: read them once
     sft_decodes = force or not _evaluated(cfg, models[1][2])
-    cal_pass = models[1][2] if sft_decodes and _exported_sft(cfg) else final
+    cal_pass = models[1][2] if sft_decodes and exported else final
     fresh_cal = None
     for role, model, row in models:
         if _evaluated(cfg, row) and not force:
             print(f"  {row}: reports/{row}.json exists, skipped")
             continue
-        if role == "grpo" and _kept_start(cfg):
+        if role == "grpo" and _kept_start(cfg, exported):
             why = "the GRPO gate kept step 0: its weights are the SFT model's, bit for bit"
             got_rows = evaluate.reuse(cfg, models[1][2], row, role, model, why)
             print(
