@@ -214,6 +214,7 @@ class GRPOConfig:
     tis_cap: float = 0.0  # > 0: truncated importance weights min(pi_learner/pi_sampler, cap) per token
     lr: float = 5e-6  # full fine-tune, 4-10 steps of 16 answers: Adam's early steps move every weight by ~lr,
     # mostly noise; on the lr 2e-4 SFT model 2e-5 cost 0.041 sample-F1, 5e-6 0.014 (docs/results.md)
+    optimizer: str = "adamw"  # adamw | sgd (a weight moves by lr x its clipped gradient): training.optimizer
     weight_decay: float = 0.0
     micro_batch_size: int = 2  # answers per forward/backward pass (the padded layout only)
     lora: bool = False

@@ -157,9 +157,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     model = training.trainable(config["model_path"], cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay
-    )  # torch's: no fused-op compile
+    optimizer = training.optimizer("adamw", params, cfg.lr, cfg.weight_decay)
     per_step = cfg.micro_batch_size * cfg.grad_accum * world
     steps_per_epoch = max(1, len(train) // per_step)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs

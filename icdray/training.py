@@ -1,7 +1,7 @@
 """What the SFT and GRPO learners share: the trainable model, the DeepSpeed config, the schedule, digests.
 
-Kept apart from both stages so neither imports the other. Left out: optimizer choices (torch AdamW is
-passed to DeepSpeed, so nothing JIT-compiles on first use), mixed-precision loss scaling (fp32 on CPU,
+Kept apart from both stages so neither imports the other. The optimizer is a torch one passed to
+DeepSpeed, so nothing JIT-compiles on first use. Left out: mixed-precision loss scaling (fp32 on CPU,
 bf16 on GPU needs none).
 """
 
@@ -55,7 +55,7 @@ def trainable(model_path: str, cfg: Any) -> Any:
 def ds_config(
     zero_stage: int, offload: bool, dtype: str, micro_batch_size: int, grad_accum: int
 ) -> dict[str, Any]:
-    """DeepSpeed config shared by the SFT and GRPO learners (the optimizer is passed in: torch AdamW)."""
+    """DeepSpeed config shared by the SFT and GRPO learners (the optimizer is passed in: `optimizer`)."""
     zero: dict[str, Any] = {"stage": zero_stage}
     if offload and zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -66,10 +66,31 @@ def ds_config(
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # ZeRO 1-2 shard SGD's state as they shard Adam's
         "bf16": {"enabled": dtype == "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def optimizer(name: str, params: Any, lr: float, weight_decay: float) -> Any:
+    """The torch optimizer `name` over `params`.
+
+    "adamw": Adam's first steps move every weight by about `lr` whatever the size of its gradient (the
+    update is m/sqrt(v), about sign(g) while the moments hold one gradient). "sgd": plain gradient descent,
+    each weight moves by lr x its gradient (DeepSpeed clips the gradient's norm to 1 first), so weights the
+    batch says little about barely move.
+    """
+    import torch
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
 def lr_lambda(step: int, total: int, warmup: int) -> float:

@@ -106,3 +106,21 @@ def test_weight_buckets_keep_one_dtype_and_the_size_bound():
     got = buckets(meta, 2048)
     assert got == [[0, 1], [2], [3], [4]]
     assert sorted(i for b in got for i in b) == list(range(len(meta)))  # every tensor once, in order
+
+
+def test_optimizer_step_sizes():
+    """AdamW's first step moves a weight by about lr whatever its gradient; SGD by lr x gradient."""
+    from icdray import training
+
+    grad = torch.tensor([1e-3, 1.0])
+    moved = {}
+    for name in training.OPTIMIZERS:
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = training.optimizer(name, [p], lr=0.1, weight_decay=0.0)
+        p.grad = grad.clone()
+        opt.step()
+        moved[name] = -p.detach()
+    assert torch.allclose(moved["sgd"], 0.1 * grad)
+    assert torch.allclose(moved["adamw"], torch.tensor([0.1, 0.1]), rtol=1e-3)
+    with pytest.raises(ValueError, match="adamw, sgd"):
+        training.optimizer("lion", [torch.nn.Parameter(torch.zeros(1))], lr=0.1, weight_decay=0.0)

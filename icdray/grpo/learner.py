@@ -120,7 +120,7 @@ class Learner:
             self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
             self.ref.eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = training.optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
         self.engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -265,6 +265,9 @@ class Learner:
                     sums["clip_last"] += out.clip_fraction * n_tok
                     sums["tokens_last"] += n_tok
             engine.step()
+            if epoch == 0:
+                norm = engine.get_global_grad_norm()  # before clipping to 1
+                sums["grad_norm"] = float(norm) if norm is not None else float("nan")
         n = max(1.0, sums["tokens"])
         return {
             "loss": sums["loss"],
@@ -277,6 +280,7 @@ class Learner:
             "forced_fraction": sums["forced"] / max(1.0, sums["all"]),
             "tis_weight_mean": sums["tis"] / n if cfg.tis_cap > 0 else 1.0,
             "tokens": sums["all"],
+            "grad_norm": sums.get("grad_norm", float("nan")),
             "seconds": time.time() - t0,
         }
 
