@@ -141,6 +141,16 @@ def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ train loop
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every `report()` at INFO (the whole metrics dict) next to our step line: keep its
+    warnings only. Its logger is named by its file's path."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: leave its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker; everything comes from `config`."""
     import deepspeed
@@ -148,6 +158,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    _quiet_report_log()
     cfg = SFTConfig(**config["sft"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
