@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from icdray import training
 from icdray.grpo import algo as grpo
 
 
@@ -110,8 +111,6 @@ def test_weight_buckets_keep_one_dtype_and_the_size_bound():
 
 def test_optimizer_step_sizes():
     """AdamW's first step moves a weight by about lr whatever its gradient; SGD by lr x gradient."""
-    from icdray import training
-
     grad = torch.tensor([1e-3, 1.0])
     moved = {}
     for name in training.OPTIMIZERS:

@@ -186,6 +186,7 @@ class Learner:
         dummy = next(c for c in chunks if c) if any(chunks) else None
         prepared = [self._batch(c or [dummy]) if (c or dummy) else None for c in padded]
         frozen: list[Any] = [None] * len(padded)  # the pre-update policy's log-probs, kept for every pass
+        grad_norm = float("nan")
         sums = {
             "loss": 0.0,
             "clip": 0.0,
@@ -267,7 +268,7 @@ class Learner:
             engine.step()
             if epoch == 0:
                 norm = engine.get_global_grad_norm()  # before clipping to 1
-                sums["grad_norm"] = float(norm) if norm is not None else float("nan")
+                grad_norm = float("nan") if norm is None else float(norm)
         n = max(1.0, sums["tokens"])
         return {
             "loss": sums["loss"],
@@ -280,7 +281,7 @@ class Learner:
             "forced_fraction": sums["forced"] / max(1.0, sums["all"]),
             "tis_weight_mean": sums["tis"] / n if cfg.tis_cap > 0 else 1.0,
             "tokens": sums["all"],
-            "grad_norm": sums.get("grad_norm", float("nan")),
+            "grad_norm": grad_norm,
             "seconds": time.time() - t0,
         }
 

@@ -620,7 +620,7 @@ def _line(m: dict[str, Any], g: GRPOConfig) -> str:
     extra = f" val_f1 {m['val_sample_f1']:.3f}" if "val_sample_f1" in m else ""
     upd = (
         f" loss {m['loss']:+.4f} clip {m['clip_fraction']:.2f} kl {m['kl']:.4f} gap {m['sampler_logprob_gap']:.1e}"
-        f" |g| {m.get('grad_norm', float('nan')):.3f}"
+        f" |g| {m['grad_norm']:.3f}"
         if "loss" in m
         else " (no update: every group flat)"
     )
