@@ -195,6 +195,16 @@ class GRPOConfig:
     # loss: see grpo/algo.py. "token" normalisation and no KL (beta 0, so no reference model) follow DAPO/Dr.GRPO
     loss_type: str = "token"  # token | sequence | dr_grpo
     scale_advantages: bool = True  # divide by the group's std; False = mean-only (Dr.GRPO)
+    # what a sample's reward is measured against: "group" (the group's mean, GRPO) | "greedy" (the reward of
+    # the note's greedy answer, decoded in the same step: ReMax's baseline; evaluation decodes greedily, so a
+    # sample is pushed up only when it beats the answer the model would give)
+    baseline: str = "group"
+    # weight of each item's own reward (its code gold or not, normalised over the group's items) added to the
+    # advantage of that item's tokens (grpo/credit.py); 0 = outcome-only GRPO, every token the answer's
+    item_credit: float = 0.0
+    # weight of the answer's own advantage on its tokens (1 = GRPO); 0 with item_credit > 0 trains only the
+    # tokens that wrote items, by their items' credit: the reasoning's sampled words carry no signal then
+    answer_credit: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.2  # DAPO's clip-higher uses ~0.28
     beta: float = 0.0  # KL weight to the starting policy (k3 estimator); > 0 keeps a reference model

@@ -70,6 +70,7 @@ __all__ = [
     "Answer",
     "CodeItem",
     "build_messages",
+    "item_spans",
     "parse_answer",
     "render_answer",
     "render_user_prompt",
@@ -315,3 +316,21 @@ def parse_answer(text: object, codebook: codes.Codebook | None = None) -> Answer
     if not reasoning:
         flags.add(FLAG_NO_REASONING)
     return Answer(reasoning=reasoning, items=tuple(items), flags=frozenset(flags))
+
+
+def item_spans(text: object) -> list[tuple[int, int, str]]:
+    """(start, end, normalised code) of each `{"evidence": ..., "code": ...}` item of the answer block, in
+    order, as character offsets into `text`: where in a completion each code's tokens are (GRPO's item
+    credit). Reads the block `parse_answer` reads (the last `<answer>` tag); never raises."""
+    text = _as_text(text)
+    opened = _last(_ANSWER_OPEN, text)
+    if opened is None:
+        return []
+    closed = _ANSWER_CLOSE.search(text, opened.end())
+    out = []
+    for match in _FLAT_OBJECT.finditer(text, opened.end(), closed.start() if closed else len(text)):
+        value, _ = _loads(match.group(0))
+        code = value.get("code") if isinstance(value, dict) else None
+        if isinstance(code, str) and codes.normalize(code):
+            out.append((match.start(), match.end(), codes.normalize(code)))
+    return out

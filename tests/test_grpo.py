@@ -211,10 +211,19 @@ def test_a_rollout_worker_killed_mid_step_is_replaced_and_the_step_completes(sto
 
 @pytest.mark.slow
 def test_transformers_rollout_backend(store, tmp_path):
-    cfg = _cfg(store, "grpo.steps=1", "grpo.engine.backend=hf", *LENGTH_ONLY)
+    # also the greedy baseline (one greedy answer a note, scored in the step) and item credit on the loop's path
+    cfg = _cfg(
+        store,
+        "grpo.steps=1",
+        "grpo.engine.backend=hf",
+        *LENGTH_ONLY,
+        "grpo.baseline=greedy",
+        "grpo.item_credit=1.0",
+    )
     m = grpo.run(cfg, output=str(tmp_path / "grpo")).history[0]
     assert m["completion_tokens"] > 0 and "loss" in m
     assert m["sampler_logprob_gap"] < 1e-3  # generate()'s log-probs are the learner's
+    assert "reward_greedy" in m and m["reward_greedy"] <= 0.0  # the length penalty of each greedy answer
 
 
 @pytest.mark.slow

@@ -123,3 +123,44 @@ def test_optimizer_step_sizes():
     assert torch.allclose(moved["adamw"], torch.tensor([0.1, 0.1]), rtol=1e-3)
     with pytest.raises(ValueError, match="adamw, sgd"):
         training.optimizer("lion", [torch.nn.Parameter(torch.zeros(1))], lr=0.1, weight_decay=0.0)
+
+
+def test_item_advantages_by_hand():
+    got = grpo.item_advantages([[0.2, -0.1], [0.3], [-0.1, -0.1, 0.4]], eps=0.0)
+    flat = torch.tensor([0.2, -0.1, 0.3, -0.1, -0.1, 0.4])
+    want = (flat / flat.std()).tolist()  # scaled by the std over every item of the group, not centred
+    assert [x for answer in got for x in answer] == pytest.approx(want)
+    assert grpo.item_advantages([[0.5, 0.5], [0.5]]) == [[0.0, 0.0], [0.0]]  # flat items: no signal
+    assert grpo.item_advantages([[], [0.2]]) == [[], [0.0]]
+
+
+def test_token_advantages_add_item_credit_on_the_item_tokens_only():
+    out = grpo.token_advantages(0.5, 8, [(1, 3), (5, 7)], [1.0, -2.0], weight=0.5)
+    assert out == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.5, -0.5, -0.5, 0.5])
+
+
+def test_per_token_advantages_in_the_loss():
+    """A (B, T) advantage pushes each token its own way: the same loss as (B,) where the rows agree."""
+    logits = torch.zeros(1, 2, 3, requires_grad=True)  # one answer, two tokens, vocabulary 3
+    lp = torch.log_softmax(logits, dim=-1)[..., 0]  # (1, 2) token 0 sampled at both positions
+    out = grpo.policy_loss(lp, lp.detach(), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2))
+    out.loss.backward()
+    assert logits.grad[0, 0, 0] < 0 < logits.grad[0, 1, 0]  # first token raised, second lowered
+    same = grpo.policy_loss(lp, lp.detach(), torch.tensor([[0.7, 0.7]]), torch.ones(1, 2)).loss
+    assert same.item() == pytest.approx(
+        grpo.policy_loss(lp, lp.detach(), torch.tensor([0.7]), torch.ones(1, 2)).loss.item()
+    )
+
+
+def test_greedy_baseline_replaces_the_group_mean():
+    r = torch.tensor([0.2, 0.6, 0.4, 0.4])  # 2 prompts x 2 samples
+    greedy = torch.tensor([0.5, 0.4])
+    adv = grpo.group_advantages(r, 2, scale=False, baseline=greedy)
+    assert torch.allclose(adv, torch.tensor([-0.3, 0.1, 0.0, 0.0]))  # measured against the greedy answer
+    scaled = grpo.group_advantages(r, 2, eps=0.0, baseline=greedy)
+    assert torch.allclose(scaled[:2], torch.tensor([-0.3, 0.1]) / torch.tensor([0.2, 0.6, 0.5]).std())
+    # a group that ties with its greedy answer: no advantage (the spread includes the greedy answer's reward)
+    assert torch.equal(grpo.group_advantages(r, 2, baseline=greedy)[2:], torch.zeros(2))
+    # a group that ties with its greedy answer carries nothing; one that differs from it does
+    assert grpo.zero_variance_groups(r, 2, greedy).tolist() == [False, True]
+    assert grpo.zero_variance_groups(torch.tensor([0.4, 0.4]), 2, torch.tensor([0.5])).tolist() == [False]

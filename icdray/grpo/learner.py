@@ -47,6 +47,24 @@ class Experience:
     completion_ids: list[int]  # (T,) sampled answer tokens
     sampler_logprobs: list[float]  # (T,) log-probs the rollout engine reported
     advantage: float
+    token_advantages: list[float] | None = None  # (T,) item credit (grpo/credit.py); None: `advantage`
+
+
+def _advantages(rows: list[Experience], members: list[int], t: int) -> Any:
+    """(K, T) advantages of a micro-batch's rows in layout order (zeros for a padding pass)."""
+    import torch
+
+    out = torch.zeros((len(members), t))
+    if not rows:
+        return out
+    for row, m in enumerate(members):
+        r = rows[m]
+        if r.token_advantages is None:
+            out[row] = r.advantage
+        else:
+            n = min(t, len(r.token_advantages))
+            out[row, :n] = torch.tensor(r.token_advantages[:n])
+    return out
 
 
 def micro_batches(rows: list[Experience], cfg: GRPOConfig) -> list[list[int]]:
@@ -223,9 +241,7 @@ class Learner:
                 if self.ref is not None:
                     with torch.no_grad():
                         ref = self._logprobs(self.ref, batch, allowed)
-                advantages = torch.tensor(
-                    [padded[k][m].advantage if real else 0.0 for m in batch.members], device=dev
-                )
+                advantages = _advantages(padded[k] if real else [], batch.members, lp.shape[1]).to(dev)
                 out = algo.policy_loss(
                     lp,
                     old,

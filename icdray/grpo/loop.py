@@ -43,7 +43,7 @@ from typing import Any
 from icdray import chat, grammar, layout, metrics, models, prompts, storage
 from icdray.config import Config, GRPOConfig
 from icdray.engine import Sample, SamplingSpec, cpu_bind
-from icdray.grpo import algo
+from icdray.grpo import algo, credit
 from icdray.grpo.learner import Experience, Learner, micro_batches
 from icdray.grpo.rewards import RewardWorker
 from icdray.grpo.rollout import RolloutWorker
@@ -155,6 +155,7 @@ class Controller:
 
     def __init__(self, cfg: Config, model_path: str) -> None:
         import ray
+        from transformers import AutoTokenizer
 
         self.cfg, self.g, self.model_path = cfg, cfg.grpo, model_path
         g = self.g
@@ -181,12 +182,15 @@ class Controller:
         self.weights_ref: Any = None  # current policy weights in the object store (None = the model on disk)
         self.weight_meta: list[Any] | None = None  # broadcast sync: the group's parameter list once formed
         self.node = node
+        if g.baseline not in ("group", "greedy"):
+            raise ValueError(f"grpo.baseline must be group or greedy, got {g.baseline!r}")
         if g.placement not in ("disaggregated", "colocated"):
             raise ValueError(f"grpo.placement must be disaggregated or colocated, got {g.placement!r}")
         if g.weight_sync not in ("object_store", "broadcast"):
             raise ValueError(f"grpo.weight_sync must be object_store or broadcast, got {g.weight_sync!r}")
         self.version = 0
         self.restarts = 0
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path) if g.item_credit else None
         ray.get([w.stats.remote() for w in self.rollout] + [r.score.remote([], [], []) for r in self.rewards])
         ray.get([learner.__ray_ready__.remote() for learner in self.learners])
 
@@ -345,6 +349,9 @@ class Controller:
         s = metrics.score([a.codes for a in answers], [n.codes for n in notes])
         return {
             "val_sample_f1": s["sample_f1"],
+            "val_sample_precision": s["sample_precision"],
+            "val_sample_recall": s["sample_recall"],
+            "val_codes": s["mean_predicted"],  # codes per answer: how GRPO moves precision against recall
             "val_micro_f1": s["micro_f1"],
             "val_format_ok": sum(a.ok for a in answers) / max(1, len(answers)),
         }
@@ -410,6 +417,7 @@ class Rollouts:
     groups_drawn: int
     groups_kept: int
     groups_flat: int = 0
+    baseline: list[float] = field(default_factory=list)  # the greedy answers' rewards (grpo.baseline=greedy)
 
 
 def collect(ctl: Controller, train: list[Note], step: int, timer: Timer, hooks: Hooks) -> Rollouts:
@@ -427,25 +435,51 @@ def collect(ctl: Controller, train: list[Note], step: int, timer: Timer, hooks: 
                 g.group_size, g.temperature, g.top_p, ctl.max_tokens, seed=seed, min_tokens=g.min_new_tokens
             )
             groups = ctl.generate([n.prompt_ids for n in batch], spec, hooks if draw == 0 else None, step)
+            if g.baseline == "greedy":
+                greedy = replace(spec, n=1, temperature=0.0, top_p=1.0)
+                greedy_texts = [grp[0].text for grp in ctl.generate([n.prompt_ids for n in batch], greedy)]
         samples = [s for grp in groups for s in grp]  # prompt-major, as algo.py expects
         with timer.phase("score"):
             gold = [n.codes for n in batch for _ in range(g.group_size)]
             note_texts = [n.note for n in batch for _ in range(g.group_size)]
             total, comps = ctl.score([s.text for s in samples], gold, note_texts)
+            baseline = None
+            if g.baseline == "greedy":
+                got, _ = ctl.score(greedy_texts, [n.codes for n in batch], [n.note for n in batch])
+                baseline = torch.tensor(got, dtype=torch.float32)
+                out.baseline += got
         with timer.phase("advantages"):
             rewards = torch.tensor(total, dtype=torch.float32)
-            adv = algo.group_advantages(rewards, g.group_size, scale=g.scale_advantages)
-            flat = algo.zero_variance_groups(rewards, g.group_size)
-            out.groups_flat += int(flat.sum())
+            adv = algo.group_advantages(rewards, g.group_size, scale=g.scale_advantages, baseline=baseline)
+            flat = algo.zero_variance_groups(rewards, g.group_size, baseline)
             for p, note in enumerate(batch):
+                members = range(p * g.group_size, (p + 1) * g.group_size)
+                per_token: list[list[float] | None] = [None] * g.group_size
+                if g.item_credit:
+                    per_token = list(
+                        credit.group_token_advantages(
+                            ctl.tokenizer,
+                            [samples[i].token_ids for i in members],
+                            note.codes,
+                            [g.answer_credit * float(adv[i]) for i in members],
+                            g.item_credit,
+                        )
+                    )
+                    # answers that scored the same can still differ in their items' codes
+                    flat[p] = flat[p] and all(max(map(abs, a or [0.0])) == 0 for a in per_token)
+                out.groups_flat += int(flat[p])
                 if (g.skip_zero_variance and flat[p]) or out.groups_kept >= g.prompts_per_step:
                     continue
                 out.groups_kept += 1
-                for i in range(p * g.group_size, (p + 1) * g.group_size):
+                for i, tok_adv in zip(members, per_token, strict=True):
                     if samples[i].token_ids:
                         out.rows.append(
                             Experience(
-                                note.prompt_ids, samples[i].token_ids, samples[i].logprobs, float(adv[i])
+                                note.prompt_ids,
+                                samples[i].token_ids,
+                                samples[i].logprobs,
+                                float(adv[i]),
+                                tok_adv,
                             )
                         )
         out.groups_drawn += len(batch)
@@ -487,6 +521,7 @@ def train_step(
         "reward_mean": mean,
         "reward_std": math.sqrt(sum((x - mean) ** 2 for x in r) / (len(r) - 1)) if len(r) > 1 else 0.0,
         **{f"reward_{k}": sum(v) / len(v) for k, v in got.components.items()},
+        **({"reward_greedy": sum(got.baseline) / len(got.baseline)} if got.baseline else {}),
         "groups": got.groups_drawn,
         "groups_kept": got.groups_kept,
         "groups_flat": got.groups_flat,
@@ -552,8 +587,13 @@ def run(cfg: Config, output: str | None = None, hooks: Hooks | None = None) -> G
     storage.write_text(metrics_path, "".join(x + "\n" for x in lines))
     gate = _Gate(out, resumed) if g.keep_best and val else None
     if gate is not None and 0 not in gate.scores:
-        gate.record(0, ctl.validate(val)["val_sample_f1"])
-        print(f"[grpo] start model: val sample-F1 {gate.scores[0]:.3f} on {len(val)} notes", flush=True)
+        start = ctl.validate(val)
+        gate.record(0, start["val_sample_f1"])
+        print(
+            f"[grpo] start model: val sample-F1 {start['val_sample_f1']:.3f} (p {start['val_sample_precision']:.2f}"
+            f" r {start['val_sample_recall']:.2f}, {start['val_codes']:.1f} codes) on {len(val)} notes",
+            flush=True,
+        )
 
     history: list[dict[str, Any]] = []
     for step in range(resumed + 1, g.steps + 1):
@@ -617,7 +657,12 @@ class _Gate:
 
 def _line(m: dict[str, Any], g: GRPOConfig) -> str:
     ph = " ".join(f"{k} {v:.1f}s" for k, v in m["phase_s"].items())
-    extra = f" val_f1 {m['val_sample_f1']:.3f}" if "val_sample_f1" in m else ""
+    extra = (
+        f" val_f1 {m['val_sample_f1']:.3f} (p {m['val_sample_precision']:.2f} r {m['val_sample_recall']:.2f},"
+        f" {m['val_codes']:.1f} codes)"
+        if "val_sample_f1" in m
+        else ""
+    )
     upd = (
         f" loss {m['loss']:+.4f} clip {m['clip_fraction']:.2f} kl {m['kl']:.4f} gap {m['sampler_logprob_gap']:.1e}"
         f" |g| {m['grad_norm']:.3f}"
