@@ -141,6 +141,7 @@ class SFTConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ()  # () = the model family's own list (models.lora_targets)
+    train_layers: int = 0  # > 0: only the last N decoder layers and the final norm train (see GRPOConfig)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (one worker has nothing to shard: 0 avoids the copies)
     offload: bool = False  # ZeRO optimizer (and, at stage 3, parameter) offload to CPU memory
     epochs: int = 1
@@ -232,6 +233,10 @@ class GRPOConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0  # 0: the learner's log-probs must match the sampler's on the same weights
     lora_targets: tuple[str, ...] = ()  # () = the model family's own list (models.lora_targets)
+    # > 0: only the last N decoder layers and the final norm train (training.trainable): the update is
+    # cheaper (the backward pass stops at layer -N) and moves far fewer weights, so with the few answers a
+    # CPU step affords less of it is noise
+    train_layers: int = 0
     zero_stage: int = 2
     offload: bool = False
     gradient_checkpointing: bool = False  # off: the cache layout needs it off, and a 135M model fits without

@@ -19,7 +19,9 @@ def trainable(model_path: str, cfg: Any) -> Any:
     """The model a learner trains: gradient checkpointing and LoRA adapters as `cfg` says.
 
     `cfg` is a stage config with the shared training fields (SFTConfig, GRPOConfig): seed, dtype,
-    gradient_checkpointing, lora, lora_r, lora_alpha, lora_dropout, lora_targets (() = the family's).
+    gradient_checkpointing, lora, lora_r, lora_alpha, lora_dropout, lora_targets (() = the family's),
+    train_layers (N > 0: only the last N decoder layers and the final norm train; the backward pass then
+    stops at the first of them, and an update moves a tenth of the weights or less).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -29,6 +31,17 @@ def trainable(model_path: str, cfg: Any) -> Any:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # with frozen embeddings (LoRA) checkpointed blocks still need grads
+    if cfg.train_layers:
+        if cfg.lora:
+            raise ValueError("train_layers and lora exclude each other: set one of them")
+        decoder = model.get_decoder()
+        if not 0 < cfg.train_layers <= len(decoder.layers):
+            raise ValueError(
+                f"train_layers={cfg.train_layers}, but the model has {len(decoder.layers)} layers"
+            )
+        model.requires_grad_(False)
+        for module in [*decoder.layers[-cfg.train_layers :], decoder.norm]:
+            module.requires_grad_(True)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 

@@ -164,3 +164,23 @@ def test_greedy_baseline_replaces_the_group_mean():
     # a group that ties with its greedy answer carries nothing; one that differs from it does
     assert grpo.zero_variance_groups(r, 2, greedy).tolist() == [False, True]
     assert grpo.zero_variance_groups(torch.tensor([0.4, 0.4]), 2, torch.tensor([0.5])).tolist() == [False]
+
+
+def test_train_layers_freezes_all_but_the_top_of_the_stack():
+    from icdray import models
+    from icdray.config import GRPOConfig
+
+    model = training.trainable(models.resolve("tiny"), GRPOConfig(train_layers=1))
+    layers = model.get_decoder().layers
+    live = [p for p in model.parameters() if p.requires_grad]
+    top = [*layers[-1].parameters(), *model.get_decoder().norm.parameters()]
+    assert {id(p) for p in live} == {id(p) for p in top}  # the last layer and the final norm, nothing else
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    # one backward pass: the frozen layers get no gradient, the top layer does
+    out = model(torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]]))
+    out.loss.backward()
+    assert layers[0].mlp.down_proj.weight.grad is None and layers[-1].mlp.down_proj.weight.grad is not None
+    with pytest.raises(ValueError, match="layers"):
+        training.trainable(models.resolve("tiny"), GRPOConfig(train_layers=len(layers) + 1))
+    with pytest.raises(ValueError, match="exclude"):
+        training.trainable(models.resolve("tiny"), GRPOConfig(train_layers=1, lora=True))
