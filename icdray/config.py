@@ -200,11 +200,12 @@ class GRPOConfig:
     # the note's greedy answer, decoded in the same step: ReMax's baseline; evaluation decodes greedily, so a
     # sample is pushed up only when it beats the answer the model would give)
     baseline: str = "group"
-    # weight of each item's own reward (its code gold or not, normalised over the group's items) added to the
-    # advantage of that item's tokens (grpo/credit.py); 0 = outcome-only GRPO, every token the answer's
+    # weight of each item's share of the answer's F1 (scaled by the group's item std) added to the advantage
+    # of the tokens that wrote the item (grpo/credit.py); 0 = outcome-only GRPO, every token the answer's.
+    # Off: on the demo it moved validation no differently from outcome-only GRPO (docs/results.md)
     item_credit: float = 0.0
-    # weight of the answer's own advantage on its tokens (1 = GRPO); 0 with item_credit > 0 trains only the
-    # tokens that wrote items, by their items' credit: the reasoning's sampled words carry no signal then
+    # with item_credit > 0: weight of the answer's own advantage on its tokens (1 = GRPO's); 0 trains only
+    # the tokens that wrote items, by their items' credit, so the reasoning's sampled words carry no gradient
     answer_credit: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.2  # DAPO's clip-higher uses ~0.28
