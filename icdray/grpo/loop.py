@@ -159,6 +159,12 @@ class Controller:
 
         self.cfg, self.g, self.model_path = cfg, cfg.grpo, model_path
         g = self.g
+        if g.baseline not in ("group", "greedy"):
+            raise ValueError(f"grpo.baseline must be group or greedy, got {g.baseline!r}")
+        if g.placement not in ("disaggregated", "colocated"):
+            raise ValueError(f"grpo.placement must be disaggregated or colocated, got {g.placement!r}")
+        if g.weight_sync not in ("object_store", "broadcast"):
+            raise ValueError(f"grpo.weight_sync must be object_store or broadcast, got {g.weight_sync!r}")
         self.constraint = answer_constraint(cfg)
         self.max_tokens = self.constraint.max_tokens if self.constraint else g.max_new_tokens
         self.engine_cfg = replace(
@@ -182,12 +188,6 @@ class Controller:
         self.weights_ref: Any = None  # current policy weights in the object store (None = the model on disk)
         self.weight_meta: list[Any] | None = None  # broadcast sync: the group's parameter list once formed
         self.node = node
-        if g.baseline not in ("group", "greedy"):
-            raise ValueError(f"grpo.baseline must be group or greedy, got {g.baseline!r}")
-        if g.placement not in ("disaggregated", "colocated"):
-            raise ValueError(f"grpo.placement must be disaggregated or colocated, got {g.placement!r}")
-        if g.weight_sync not in ("object_store", "broadcast"):
-            raise ValueError(f"grpo.weight_sync must be object_store or broadcast, got {g.weight_sync!r}")
         self.version = 0
         self.restarts = 0
         self.tokenizer = AutoTokenizer.from_pretrained(model_path) if g.item_credit else None
@@ -466,7 +466,7 @@ def collect(ctl: Controller, train: list[Note], step: int, timer: Timer, hooks: 
                         )
                     )
                     # answers that scored the same can still differ in their items' codes
-                    flat[p] = flat[p] and all(max(map(abs, a or [0.0])) == 0 for a in per_token)
+                    flat[p] = bool(flat[p]) and not any(any(a) for a in per_token if a)
                 out.groups_flat += int(flat[p])
                 if (g.skip_zero_variance and flat[p]) or out.groups_kept >= g.prompts_per_step:
                     continue
